@@ -1,0 +1,197 @@
+"""Configs: a typed schema of every key (with its default and meaning), YAML files, overrides.
+
+A run's config is ``schema defaults <- YAML file <- command-line overrides`` (``key.sub=value``,
+values parsed as YAML). Unknown keys are errors, so a typo never silently does nothing.
+``python train.py --list-keys`` prints this schema.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message says what to change."""
+
+
+def K(default, help_text: str) -> tuple:
+    """A schema leaf: (default, meaning)."""
+    return (default, help_text)
+
+
+SCHEMA: dict = {
+    "method": K("pretrain", "what train.py runs: pretrain (class-conditional DDPM), sid (distillation, "
+                            "nothing forgotten) or sfd (distillation with forgetting)"),
+    "seed": K(1234, "base random seed; rank r uses seed + r for noise, timesteps and dropout"),
+    "data": {
+        "dataset": K("builtin", "builtin (procedural, no download), cifar10, stl10 or mnist"),
+        "root": K("./data", "where torchvision datasets are stored / downloaded"),
+        "download": K(True, "let torchvision download the dataset when it is missing"),
+        "image_size": K(32, "image resolution in pixels"),
+        "channels": K(3, "image channels"),
+        "n_classes": K(10, "number of classes (the null class for guidance is added on top)"),
+        "random_flip": K(True, "random horizontal flips during pretraining"),
+        "num_workers": K(2, "data loader worker processes"),
+        "builtin_per_class": K(1000, "built-in dataset: training images per class"),
+    },
+    "model": {
+        "base_channels": K(128, "UNet width ch"),
+        "channel_mult": K([1, 2, 2, 2], "width multiplier per resolution level"),
+        "layers_per_block": K(2, "residual blocks per level"),
+        "attn_resolutions": K([16], "resolutions with self-attention"),
+        "dropout": K(0.1, "dropout in residual blocks (active in train mode)"),
+    },
+    "diffusion": {
+        "beta_start": K(1e-4, "first beta of the linear schedule"),
+        "beta_end": K(0.02, "last beta of the linear schedule"),
+        "num_timesteps": K(1000, "T"),
+    },
+    "training": {
+        "batch_size": K(128, "global batch (split evenly across ranks)"),
+        "n_iters": K(800000, "training iterations"),
+        "lr": K(2e-4, "pretraining: Adam learning rate"),
+        "lr_warmup": K(0, "pretraining: linear learning-rate warm-up, in iterations"),
+        "betas": K([0.9, 0.999], "pretraining: Adam betas"),
+        "adam_eps": K(1e-8, "Adam epsilon"),
+        "grad_clip": K(1.0, "pretraining: gradient-norm clipping (0 = off)"),
+        "ema": K(0.9999, "EMA decay of the trained (pretraining) or generator (SFD) weights"),
+        "label_dropout": K(0.1, "pretraining: fraction of labels replaced by the null class"),
+        "log_every": K(50, "iterations between log.jsonl lines"),
+        "snapshot_every": K(5000, "iterations between weight snapshots and sample grids"),
+        "state_every": K(1000, "iterations between training-state saves (for --resume)"),
+        "early_snapshots": K(0, "extra log-spaced snapshots before the first regular one (0 = none)"),
+    },
+    "grid": {
+        "sampler": K("ddim", "sampler for pretraining grids: ddpm or ddim (SFD grids are one-step)"),
+        "steps": K(100, "DDIM steps for grids"),
+        "eta": K(0.0, "DDIM eta for grids"),
+        "guidance": K(2.0, "classifier-free guidance w for grids"),
+        "per_class": K(10, "images per class (one row per class)"),
+    },
+    "sfd": {
+        "init": K(None, "pretrained teacher checkpoint (.safetensors from method=pretrain)"),
+        "init_stage1": K(None, "two-stage SFD: a stage-1 SiD checkpoint; the generator starts from its "
+                               "EMA generator and the fake score from its fake score"),
+        "stage2_teacher": K("original", "two-stage teacher: original (the pretrained model, our decision) or "
+                                        "stage1_fake_score (the authors' code, through a bug)"),
+        "forget": K([0], "forget classes (empty list = SiD distillation of all classes)"),
+        "override": K(1, "override: a class, a mapping {forget: override}, 'random' (uniform non-forget "
+                         "class per sample) or 'classifier' (pseudo-label from sfd.classifier)"),
+        "classifier": K(None, "classifier checkpoint for override='classifier'"),
+        "classifier_mode": K("argmax", "classifier pseudo-label: argmax or sample"),
+        "alpha": K(1.2, "SiD alpha"),
+        "t_min": K(38, "timesteps drawn from U{t_min..t_max-1}"),
+        "t_max": K(712, "exclusive upper timestep"),
+        "t_init": K(440, "t* of the one-step generator"),
+        "lambda_phi_r": K(1.0, "fake-score remain weight"),
+        "lambda_phi_f": K(0.01, "fake-score forget weight"),
+        "lambda_theta_r": K(1.0, "generator remain weight"),
+        "lambda_theta_f": K(0.01, "generator forget weight"),
+        "forget_warmup": K(0.0, "fraction of training whose forget terms draw t from [warmup_t_min, warmup_t_max)"),
+        "warmup_t_min": K(20, "forget warm-up lower timestep"),
+        "warmup_t_max": K(980, "forget warm-up exclusive upper timestep"),
+        "lr_phi": K(3e-5, "fake-score learning rate"),
+        "lr_theta": K(1e-5, "generator learning rate"),
+        "betas": K([0.0, 0.999], "Adam betas of both networks"),
+        "grad_clip_value": K(1.0, "element-wise gradient value clipping (0 = off)"),
+        "batched": K(True, "evaluate remain and forget terms of a network in one batched pass "
+                           "(identical losses; false = separate passes)"),
+    },
+}
+
+
+def _is_leaf(node) -> bool:
+    return isinstance(node, tuple)
+
+
+def defaults(schema: dict = SCHEMA) -> dict:
+    return {k: (copy.deepcopy(v[0]) if _is_leaf(v) else defaults(v)) for k, v in schema.items()}
+
+
+def _merge(cfg: dict, update: dict, schema: dict, where: str = "") -> None:
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f" (did you mean {where}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint}; `train.py --list-keys` lists them all")
+        if _is_leaf(schema[key]):
+            cfg[key] = _check_type(path, value, schema[key][0])
+        elif not isinstance(value, dict):
+            raise ConfigError(f"config key {path!r} is a section; give its keys, e.g. {path}.<key>=...")
+        else:
+            _merge(cfg[key], value, schema[key], path + ".")
+
+
+def _check_type(path: str, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        if isinstance(default, float):
+            value = float(value)
+    elif isinstance(default, list) and not isinstance(value, list) and path != "sfd.forget":
+        raise ConfigError(f"{path} must be a list, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{path} must be a string, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=value`` -> {"a": {"b": value}}, with the value parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse the value of override {text!r}: {err}") from None
+    node: dict = {}
+    cur = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Resolve defaults <- YAML file <- overrides into one validated dict."""
+    cfg = defaults()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+        _merge(cfg, data, SCHEMA)
+    for text in overrides:
+        _merge(cfg, parse_override(text), SCHEMA)
+    return cfg
+
+
+def describe(schema: dict = SCHEMA, where: str = "") -> list[str]:
+    """One line per key: name, default and meaning (for --list-keys)."""
+    lines = []
+    for key, node in schema.items():
+        if _is_leaf(node):
+            lines.append(f"{where}{key} = {json.dumps(node[0])}\n    {node[1]}")
+        else:
+            lines += describe(node, f"{where}{key}.")
+    return lines
+
+
+def to_json(cfg: dict) -> str:
+    return json.dumps(cfg, indent=2, sort_keys=False)

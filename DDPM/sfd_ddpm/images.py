@@ -1,0 +1,66 @@
+"""Image files: lossless PNGs named ``{class:03d}_{index:05d}.png`` and per-class grids.
+
+Images in [-1, 1] are mapped to uint8 by one fixed affine map (no per-image normalisation, which
+would distort FID references).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+NAME = re.compile(r"^(\d{3})_(\d{5})\.png$")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_name(label: int, index: int) -> str:
+    return f"{label:03d}_{index:05d}.png"
+
+
+def save_images(x: torch.Tensor, labels, indices, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for img, c, i in zip(to_uint8(x), labels, indices):
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(out / image_name(int(c), int(i)))
+
+
+def parse_name(name: str) -> tuple[int, int] | None:
+    m = NAME.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def list_images(folder, exclude: set[int] = frozenset(), include: set[int] | None = None) -> list[tuple[Path, int]]:
+    """(path, class) for every ``CCC_IIIII.png`` in ``folder``, filtered by class."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        parsed = parse_name(p.name)
+        if parsed and parsed[0] not in exclude and (include is None or parsed[0] in include):
+            out.append((p, parsed[0]))
+    return out
+
+
+def load_image(path) -> torch.Tensor:
+    """A PNG as a (C, H, W) tensor in [-1, 1]."""
+    a = np.asarray(Image.open(path))
+    if a.ndim == 2:
+        a = a[..., None]
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def save_grid(x: torch.Tensor, nrow: int, path, scale: int = 1) -> None:
+    """One row per class; ``scale`` enlarges small images (nearest neighbour) for viewing."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    if scale > 1:
+        grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    img = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)

@@ -1,0 +1,42 @@
+"""The SiD / SFD losses (SPEC section 3), written once against the Denoiser interface.
+
+All losses are returned *per sample* (pixel sums); callers average over the batch and weight terms.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .diffusion import Denoiser
+
+
+def fake_score_loss(fake_score: Denoiser, x_g: torch.Tensor, label: torch.Tensor, t: torch.Tensor,
+                    eps: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching on generator samples, generator stopped:
+    L_phi = || eps - eps_phi(a_t sg(x_g) + b_t eps, t, c) ||^2."""
+    x_t = fake_score.schedule.add_noise(x_g.detach(), t, eps)
+    return (eps - fake_score.eps(x_t, t, label)).square().flatten(1).sum(1)
+
+
+def sid_loss(x_g: torch.Tensor, f_teacher: torch.Tensor, f_fake: torch.Tensor, alpha: float) -> torch.Tensor:
+    """L_theta = sum_pixels (f_psi - f_phi) [(f_psi - x_g) - alpha (f_psi - f_phi)] / omega,
+    omega = stopgrad(mean_pixels |f_psi - x_g|) clamped >= 1e-5."""
+    omega = (f_teacher - x_g).abs().flatten(1).mean(1).clamp_min(1e-5).detach()
+    diff = f_teacher - f_fake
+    return (diff * ((f_teacher - x_g) - alpha * diff)).flatten(1).sum(1) / omega
+
+
+def generator_loss(teacher: Denoiser, fake_score: Denoiser, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   label_teacher: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], label_fake: torch.Tensor,
+                   alpha: float) -> torch.Tensor:
+    """SiD generator loss at x_t = a_t x_g + b_t eps; gradients reach theta through x_g and through the
+    inputs of both (frozen) networks. ``label_teacher`` may be a function of the fake score's denoised
+    estimate (classifier pseudo-labels), which is why the fake score is evaluated first."""
+    x_t = teacher.schedule.add_noise(x_g, t, eps)
+    f_fake = fake_score(x_t, t, label_fake)
+    if callable(label_teacher):
+        label_teacher = label_teacher(f_fake.detach())
+    f_teacher = teacher(x_t, t, label_teacher)
+    return sid_loss(x_g, f_teacher, f_fake, alpha)
+

@@ -1,0 +1,219 @@
+"""Score Forgetting Distillation (SFD), SiD distillation and two-stage SFD (SPEC section 3).
+
+Three networks of the teacher's architecture: the frozen teacher psi, the fake score phi and the
+one-step generator theta. Each iteration alternates a phi step (DSM on generator samples) and a
+theta step (the SiD loss), each with a remain term (labels uniform over the kept classes) and a
+forget term (generate at c_f, fake score at c_f, teacher at the override c_o). The loop is data-free:
+it draws labels, never reads an image.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoints import CheckpointError, load_into, load_weights
+from ..diffusion import Denoiser
+from ..distributed import Dist
+from ..losses import fake_score_loss, generator_loss
+from ..networks import build_network
+from ..samplers import image_seed, NoiseStreams, one_step
+from .common import ema_update, frozen_copy, grid_labels, unwrap, wrap
+from .pretrain import schedule_of
+from .forget_spec import ForgetSpec
+
+
+class SFD:
+    kind = "sfd"
+
+    def __init__(self, cfg: dict, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        s = cfg["sfd"]
+        teacher_w, fake_w, gen_w = self._initial_weights(cfg)
+        n_classes = cfg["data"]["n_classes"]
+        if cfg["method"] == "sid" and s["forget"]:
+            raise ValueError("method sid distils every class; set sfd.forget=[] (or use method sfd)")
+        if cfg["method"] == "sfd" and not s["forget"]:
+            raise ValueError("method sfd needs at least one class in sfd.forget (or use method sid)")
+        self.spec = ForgetSpec.parse(s["forget"], s["override"], n_classes, s["classifier"], s["classifier_mode"],
+                                     dist.device)
+        self.schedule = schedule_of(cfg)
+        dev = dist.device
+        teacher = build_network(cfg)
+        load_into(teacher, teacher_w[1], teacher_w[0])
+        self.teacher_net = frozen_copy(teacher).to(dev)
+        fake = build_network(cfg)
+        load_into(fake, fake_w[1], fake_w[0])
+        gen = build_network(cfg)
+        load_into(gen, gen_w[1], gen_w[0])
+        self.fake_net = wrap(fake.to(dev).train(), dist)
+        self.gen_net = wrap(gen.to(dev).train(), dist)
+        self.gen_ema = frozen_copy(unwrap(self.gen_net))
+        null = teacher.null_label
+        self.teacher = Denoiser(self.teacher_net, self.schedule, null)
+        self.fake_train = Denoiser(self.fake_net, self.schedule, null)         # phi step (DDP)
+        self.fake_frozen = Denoiser(unwrap(self.fake_net), self.schedule, null)  # theta step
+        self.generator = Denoiser(self.gen_net, self.schedule, null)
+        betas = tuple(s["betas"])
+        self.opt_phi = torch.optim.Adam(self.fake_net.parameters(), lr=s["lr_phi"], betas=betas,
+                                        eps=cfg["training"]["adam_eps"])
+        self.opt_theta = torch.optim.Adam(self.gen_net.parameters(), lr=s["lr_theta"], betas=betas,
+                                          eps=cfg["training"]["adam_eps"])
+        self.n = dist.local_batch(cfg["training"]["batch_size"])
+        self.shape = (cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"])
+        self.warmup_iters = round(s["forget_warmup"] * cfg["training"]["n_iters"])
+
+    @staticmethod
+    def _initial_weights(cfg: dict):
+        """(source, state_dict) for teacher, fake score and generator; adopts the teacher's architecture."""
+        s = cfg["sfd"]
+        if not s["init"] and not (s["init_stage1"] and s["stage2_teacher"] == "stage1_fake_score"):
+            raise ValueError("set sfd.init to the pretrained teacher checkpoint (network-*.safetensors)")
+        if s["stage2_teacher"] not in ("original", "stage1_fake_score"):
+            raise ValueError(f"sfd.stage2_teacher must be original or stage1_fake_score, got {s['stage2_teacher']!r}")
+        arch = None
+        teacher = None
+        if s["init"]:
+            nets, meta = load_weights(s["init"])
+            if meta["kind"] != "ddpm":
+                raise CheckpointError(f"sfd.init must be a pretrained DDPM checkpoint; {s['init']} is {meta['kind']!r}")
+            arch = meta["config"]
+            teacher = (f"{s['init']} [ema]", nets["ema"])
+            fake = gen = teacher
+        if s["init_stage1"]:
+            nets1, meta1 = load_weights(s["init_stage1"])
+            if meta1["kind"] != "sfd":
+                raise CheckpointError(f"sfd.init_stage1 must be an SFD/SiD checkpoint; {s['init_stage1']} is {meta1['kind']!r}")
+            arch = arch or meta1["config"]
+            fake = (f"{s['init_stage1']} [fake_score]", nets1["fake_score"])
+            gen = (f"{s['init_stage1']} [generator_ema]", nets1["generator_ema"])
+            if s["stage2_teacher"] == "stage1_fake_score":  # the authors' behaviour (their init_ckpt_0 bug)
+                teacher = fake
+        for key in ("model", "diffusion"):
+            cfg[key] = arch[key]
+        for key in ("image_size", "channels", "n_classes", "dataset"):
+            cfg["data"][key] = arch["data"][key]
+        return teacher, fake, gen
+
+    # ----------------------------------------------------------------------------------------
+    def start(self, step: int) -> None:
+        pass  # data-free: nothing to load
+
+    def _t(self, n: int, warm: bool) -> torch.Tensor:
+        s = self.cfg["sfd"]
+        lo, hi = (s["warmup_t_min"], s["warmup_t_max"]) if warm else (s["t_min"], s["t_max"])
+        return self.schedule.sample_t(n, lo, hi, self.dist.device)
+
+    def _draw(self, forget: bool, warm: bool) -> dict:
+        """Fresh labels, z, t and eps for one term (the same draws in batched and separate mode)."""
+        n, dev = self.n, self.dist.device
+        if forget:
+            label, override = self.spec.sample_forget(n)
+        else:
+            label, override = self.spec.sample_remain(n), None
+        return {"forget": forget, "label": label, "override": override, "z": torch.randn(n, *self.shape, device=dev),
+                "t": self._t(n, warm and forget), "eps": torch.randn(n, *self.shape, device=dev)}
+
+    def _generate(self, terms: list[dict]) -> torch.Tensor:
+        z = torch.cat([d["z"] for d in terms])
+        return one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.cfg["sfd"]["t_init"])
+
+    def _cat(self, terms, key):
+        return torch.cat([d[key] for d in terms])
+
+    def train_step(self, step: int) -> dict[str, float]:
+        s = self.cfg["sfd"]
+        forgetting = bool(self.spec.forget)
+        warm = step < self.warmup_iters
+        out = {}
+        # ---- phi step: fake score in train mode (dropout active), generator in eval mode, no grad ----
+        w_phi = [s["lambda_phi_r"]] + ([s["lambda_phi_f"]] if forgetting else [])
+        terms = [self._draw(False, warm)] + ([self._draw(True, warm)] if forgetting else [])
+        self.fake_net.train()
+        self.gen_net.eval()
+        self.opt_phi.zero_grad(set_to_none=True)
+        losses_phi = self._run_terms(terms, w_phi, self._phi_terms)
+        self._clip_and_step(self.fake_net, self.opt_phi)
+        # ---- theta step: generator in train mode, fake score frozen in eval mode ----
+        w_theta = [s["lambda_theta_r"]] + ([s["lambda_theta_f"]] if forgetting else [])
+        terms = [self._draw(False, warm)] + ([self._draw(True, warm)] if forgetting else [])
+        self.fake_net.eval().requires_grad_(False)
+        self.gen_net.train()
+        self.opt_theta.zero_grad(set_to_none=True)
+        losses_theta = self._run_terms(terms, w_theta, self._theta_terms)
+        self._clip_and_step(self.gen_net, self.opt_theta)
+        self.fake_net.requires_grad_(True)
+        ema_update(self.gen_ema, unwrap(self.gen_net), self.cfg["training"]["ema"])
+        names = ["remain", "forget"]
+        for k, v in enumerate(losses_phi):
+            out[f"phi_{names[k]}"] = v
+        for k, v in enumerate(losses_theta):
+            out[f"theta_{names[k]}"] = v
+        return out
+
+    def _run_terms(self, terms, weights, per_sample_fn) -> list[float]:
+        """Weighted sum of per-term batch means; one batched pass or one pass (and backward) per term."""
+        n = self.n
+        if self.cfg["sfd"]["batched"]:
+            per = per_sample_fn(terms)
+            means = [per[k * n:(k + 1) * n].mean() for k in range(len(terms))]
+            sum(w * m for w, m in zip(weights, means)).backward()
+        else:
+            means = []
+            for w, term in zip(weights, terms):
+                m = per_sample_fn([term]).mean()
+                (w * m).backward()
+                means.append(m)
+        return [self.dist.mean(m.detach()).item() for m in means]
+
+    def _phi_terms(self, terms) -> torch.Tensor:
+        with torch.no_grad():
+            x_g = self._generate(terms)
+        return fake_score_loss(self.fake_train, x_g, self._cat(terms, "label"), self._cat(terms, "t"),
+                               self._cat(terms, "eps"))
+
+    def _theta_terms(self, terms) -> torch.Tensor:
+        x_g = self._generate(terms)
+        if all(d["override"] is not None for d in terms if d["forget"]):
+            teacher_label = torch.cat([d["override"] if d["forget"] else d["label"] for d in terms])
+        else:  # classifier pseudo-labels need the fake score's denoised estimate first
+            def teacher_label(f_fake: torch.Tensor) -> torch.Tensor:
+                parts = f_fake.split(self.n)
+                return torch.cat([self.spec.pseudo_label(p) if d["forget"] else d["label"]
+                                  for d, p in zip(terms, parts)])
+        return generator_loss(self.teacher, self.fake_frozen, x_g, self._cat(terms, "t"), self._cat(terms, "eps"),
+                              teacher_label, self._cat(terms, "label"), self.cfg["sfd"]["alpha"])
+
+    def _clip_and_step(self, net, opt) -> None:
+        clip = self.cfg["sfd"]["grad_clip_value"]
+        if clip > 0:
+            torch.nn.utils.clip_grad_value_(net.parameters(), clip)
+        opt.step()
+
+    # ----------------------------------------------------------------------------------------
+    def weights(self) -> dict:
+        return {"generator_ema": self.gen_ema.state_dict(), "generator": unwrap(self.gen_net).state_dict(),
+                "fake_score": unwrap(self.fake_net).state_dict()}
+
+    def state_dict(self) -> dict:
+        return {**self.weights(), "opt_phi": self.opt_phi.state_dict(), "opt_theta": self.opt_theta.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gen_ema.load_state_dict(sd["generator_ema"])
+        unwrap(self.gen_net).load_state_dict(sd["generator"])
+        unwrap(self.fake_net).load_state_dict(sd["fake_score"])
+        self.opt_phi.load_state_dict(sd["opt_phi"])
+        self.opt_theta.load_state_dict(sd["opt_theta"])
+
+    @torch.no_grad()
+    def sample_grids(self) -> dict:
+        g, d = self.cfg["grid"], self.cfg["data"]
+        labels, idx = grid_labels(d["n_classes"], g["per_class"], self.dist.device)
+        seeds = [image_seed(self.cfg["seed"], int(c), i) for c, i in zip(labels, idx)]
+        z = NoiseStreams(seeds, self.shape, self.dist.device).randn()
+        out = {}
+        for name, net in (("grid_ema", self.gen_ema), ("grid", unwrap(self.gen_net))):
+            was_training = net.training
+            net.eval()
+            out[name] = (one_step(Denoiser(net, self.schedule, net.null_label), labels, z, self.cfg["sfd"]["t_init"]),
+                         g["per_class"])
+            net.train(was_training)
+        return out

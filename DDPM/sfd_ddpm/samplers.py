@@ -1,0 +1,107 @@
+"""Samplers written once against the Denoiser interface, with per-seed noise streams.
+
+Every image owns a ``torch.Generator`` seeded from its identity, and every random draw for that image
+(initial noise, each ancestral step) comes from it; image i is therefore identical whatever the
+batch size or the number of processes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .diffusion import Denoiser
+
+SAMPLERS = ("ddpm", "ddim", "one_step")
+
+
+def image_seed(seed: int, label: int, index: int) -> int:
+    """The seed of image ``index`` of class ``label`` in a run seeded with ``seed``."""
+    return (seed * 1_000_003 + label * 10_000_019 + index) % (2 ** 63)
+
+
+class NoiseStreams:
+    """One generator per image; ``randn()`` draws one (C, H, W) tensor from each and stacks them."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], device):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape, self.device = shape, device
+
+    def randn(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
+@torch.no_grad()
+def ddpm_ancestral(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, guidance: float = 0.0,
+                   progress=None) -> torch.Tensor:
+    """Ancestral sampling of Ho et al. over all T steps, with the posterior variance beta~_t.
+
+    x_{t-1} = 1/sqrt(1-beta_t) (x_t - beta_t / b_t eps) + sqrt(beta~_t) z,
+    beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+    """
+    sched = denoiser.schedule
+    x = noise.randn()
+    for t in _steps(range(sched.num_timesteps - 1, -1, -1), progress):
+        beta, abar = sched.betas[t].item(), sched.abar[t].item()
+        abar_prev = sched.abar[t - 1].item() if t > 0 else 1.0
+        eps = denoiser.eps(x, t, labels, guidance)
+        x = (x - beta / (1 - abar) ** 0.5 * eps) / (1 - beta) ** 0.5
+        if t > 0:
+            x = x + (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 * noise.randn()
+    return x
+
+
+@torch.no_grad()
+def ddim(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, steps: int = 100, eta: float = 0.0,
+         guidance: float = 0.0, progress=None) -> torch.Tensor:
+    """DDIM (Song et al., eq. 12) on the uniform sub-sequence 0, k, 2k, ... with k = T // steps.
+
+    eta = 1 with all T steps is the ancestral sampler above.
+    """
+    sched = denoiser.schedule
+    T = sched.num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"DDIM steps must be in [1, {T}], got {steps}")
+    seq = list(range(0, T, T // steps))
+    x = noise.randn()
+    for i in _steps(range(len(seq) - 1, -1, -1), progress):
+        t = seq[i]
+        abar, abar_prev = sched.abar[t].item(), (sched.abar[seq[i - 1]].item() if i > 0 else 1.0)
+        eps = denoiser.eps(x, t, labels, guidance)
+        x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+        c1 = eta * ((1 - abar / abar_prev) * (1 - abar_prev) / (1 - abar)) ** 0.5
+        c2 = max(1 - abar_prev - c1 ** 2, 0.0) ** 0.5
+        x = abar_prev ** 0.5 * x0 + c2 * eps
+        if c1 > 0:
+            x = x + c1 * noise.randn()
+    return x
+
+
+def one_step(generator: Denoiser, labels: torch.Tensor, z: torch.Tensor, t_init: int,
+             guidance: float = 0.0) -> torch.Tensor:
+    """The one-step generator G(z, c) = sigma_{t*} (z - eps(b_{t*} z, t*, c)) (SPEC section 3), with
+    optional guidance (0 in the paper's evaluation)."""
+    b = generator.schedule.b(t_init)
+    return generator(b * z, t_init, labels, guidance)
+
+
+def sample(denoiser: Denoiser, sampler: str, labels: torch.Tensor, seeds: list[int], shape, *, steps: int = 100,
+           eta: float = 0.0, guidance: float = 0.0, t_init: int = 440, progress=None) -> torch.Tensor:
+    """Dispatch by name; returns images in (roughly) [-1, 1]."""
+    noise = NoiseStreams(seeds, shape, labels.device)
+    if sampler == "ddpm":
+        return ddpm_ancestral(denoiser, labels, noise, guidance, progress)
+    if sampler == "ddim":
+        return ddim(denoiser, labels, noise, steps, eta, guidance, progress)
+    if sampler == "one_step":
+        with torch.no_grad():
+            return one_step(denoiser, labels, noise.randn(), t_init, guidance)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def nfe(sampler: str, steps: int, guidance: float, num_timesteps: int = 1000) -> int:
+    """Network evaluations per image (a guided step costs two)."""
+    n = {"ddpm": num_timesteps, "ddim": steps, "one_step": 1}[sampler]
+    return n * (2 if guidance else 1)
+
+
+def _steps(it, progress):
+    return progress(it) if progress else it

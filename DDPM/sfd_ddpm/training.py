@@ -1,0 +1,147 @@
+"""The generic training loop shared by every method: run directory, logging, snapshots, resume.
+
+A method (see ``methods/``) builds its networks and optimizers and implements ``train_step``; this
+loop owns everything around it. Only rank 0 writes files. A training state (every rank's RNG state
+included) is saved every ``training.state_every`` iterations and at the end, so ``--resume`` continues
+exactly. A non-finite loss stops the run with a message naming the step and the term, before
+anything is overwritten.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from . import checkpoints
+from .config import to_json
+from .distributed import Dist
+
+STATE_FILE = "training-state.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def new_run_dir(outdir, desc: str) -> Path:
+    """``outdir/NNNNN-desc``, numbered after the runs already there."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
+    run = outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
+    run.mkdir()
+    return run
+
+
+def snapshot_steps(n_iters: int, every: int, early: int) -> set[int]:
+    """Iteration counts after which weights are saved: every ``every``, the end, and ``early``
+    log-spaced counts in [1, every) (the authors' early-stage schedule, without its floor-division bug)."""
+    steps = set(range(every, n_iters + 1, every)) | {n_iters}
+    if early > 0:
+        steps |= {int(round(v)) for v in np.exp(np.linspace(0, math.log(every), early + 1))[:-1]}
+    return {s for s in steps if 1 <= s <= n_iters}
+
+
+def _gather(dist: Dist, obj):
+    if not dist.enabled:
+        return [obj]
+    out = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = False) -> dict:
+    """Run ``method`` from its current state to ``training.n_iters``; returns the last log record."""
+    tr = cfg["training"]
+    n_iters = tr["n_iters"]
+    start = 0
+    if resume:
+        state = checkpoints.load_state(run_dir / STATE_FILE)
+        method.load_state_dict(state["method"])
+        start = int(state["step"])
+        rngs = state["rng"]
+        if len(rngs) != dist.world_size:
+            raise ValueError(f"the run was saved with {len(rngs)} processes; resume it with the same number "
+                             f"(got {dist.world_size}) for an exact continuation")
+        _set_rng_state(rngs[dist.rank])
+        dist.print0(f"resumed {run_dir} at iteration {start}")
+    else:
+        torch.manual_seed(cfg["seed"] + dist.rank)
+    method.start(start)
+
+    snaps = snapshot_steps(n_iters, tr["snapshot_every"], tr["early_snapshots"])
+    if dist.is_main and run_dir is not None:
+        (run_dir / "config.json").write_text(to_json(cfg))
+    bar = tqdm(total=n_iters, initial=start, disable=not dist.is_main, desc=cfg["method"], unit="it",
+               dynamic_ncols=True)
+    record, t_last, step_last = {}, time.perf_counter(), start
+    t_start = time.perf_counter()
+    for step in range(start, n_iters):
+        losses = method.train_step(step)
+        for term, value in losses.items():
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped and "
+                                    f"the last good checkpoint in {run_dir} is kept")
+        done = step + 1
+        if done % tr["log_every"] == 0 or done == n_iters:
+            now = time.perf_counter()
+            record = {"step": done, "images_seen": done * tr["batch_size"],
+                      "images_per_s": (done - step_last) * tr["batch_size"] / max(now - t_last, 1e-9),
+                      "seconds": now - t_start, **{k: float(v) for k, v in losses.items()}}
+            t_last, step_last = now, done
+            if dist.is_main and run_dir is not None:
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+        if done in snaps:
+            _snapshot(method, cfg, run_dir, dist, done)
+        if done % tr["state_every"] == 0 or done == n_iters:
+            _save_state(method, run_dir, dist, done)
+        bar.update(1)
+    bar.close()
+    return record
+
+
+def _snapshot(method, cfg, run_dir, dist, done: int) -> None:
+    if dist.is_main and run_dir is not None:
+        checkpoints.save_weights(run_dir / f"network-{done:07d}.safetensors", method.weights(), cfg, done,
+                                 method.kind)
+        for name, (images, nrow) in method.sample_grids().items():
+            from .images import save_grid
+            save_grid(images, nrow, run_dir / f"{name}-{done:07d}.png", scale=max(1, 64 // images.shape[-1]))
+    dist.barrier()
+
+
+def _save_state(method, run_dir, dist, done: int) -> None:
+    rngs = _gather(dist, _rng_state())
+    if dist.is_main and run_dir is not None:
+        checkpoints.save_state(run_dir / STATE_FILE, {"step": done, "rng": rngs, "method": method.state_dict()})
+    dist.barrier()
+
+
+def latest_weights(run_dir) -> Path:
+    """The newest ``network-*.safetensors`` of a run directory (by iteration, not file time)."""
+    files = sorted(Path(run_dir).glob("network-*.safetensors"))
+    if not files:
+        raise checkpoints.CheckpointError(f"no network-*.safetensors in {run_dir}")
+    return files[-1]

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Train a class-conditional DDPM, or distil/forget it with SiD / SFD.
+
+Examples (from inside DDPM/):
+  python train.py --config configs/builtin_train.yaml
+  python train.py --config configs/cifar10_train.yaml training.batch_size=64 --dry-run
+  torchrun --nproc_per_node 4 train.py --config configs/cifar10_sfd.yaml sfd.init=runs/00000-cifar10_train/network-0800000.safetensors
+  python train.py --resume runs/00003-builtin_sfd
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sfd_ddpm import config as C  # noqa: E402
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="YAML",
+              help="Config file (see configs/). Keys missing from it take the schema defaults.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--outdir", type=click.Path(file_okay=False), default="runs",
+              help="Parent folder; each run gets a numbered sub-folder NNNNN-<config name>.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), metavar="RUN_DIR",
+              help="Continue a run exactly from its training-state.pt (its config.json is reused; "
+                   "KEY=VALUE overrides such as training.n_iters=... still apply).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="auto = CUDA when available.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
+@click.option("--list-keys", is_flag=True, help="List every config key with its default and meaning, then exit.")
+def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys):
+    """Train with the method named by the config's `method` key (pretrain, sid or sfd).
+
+    KEY=VALUE pairs override config keys (values are YAML: numbers, true/false, lists [0,1], null),
+    e.g. `training.n_iters=1000 sfd.forget=[0,3]`. Unknown keys are errors.
+    Weights are saved as network-NNNNNNN.safetensors (config embedded), sample grids as PNG, losses
+    and images/s in log.jsonl, and training-state.pt allows an exact --resume.
+    """
+    if list_keys:
+        click.echo("\n".join(C.describe()))
+        return
+    try:
+        if resume_dir:
+            base = C.load_config(None)
+            C._merge(base, json.loads((Path(resume_dir) / "config.json").read_text()), C.SCHEMA)
+            for text in overrides:
+                C._merge(base, C.parse_override(text), C.SCHEMA)
+            cfg = base
+        else:
+            if not config_path:
+                raise click.UsageError("give --config YAML (or --resume RUN_DIR)")
+            cfg = C.load_config(config_path, overrides)
+    except (C.ConfigError, FileNotFoundError, json.JSONDecodeError) as err:
+        raise click.ClickException(str(err)) from None
+    if dry_run:
+        click.echo(C.to_json(cfg))
+        return
+    run(cfg, config_path, outdir, resume_dir, device)
+
+
+def run(cfg, config_path, outdir, resume_dir, device):
+    from sfd_ddpm import distributed
+    from sfd_ddpm.checkpoints import CheckpointError
+    from sfd_ddpm.methods import get_method
+    from sfd_ddpm.training import NonFiniteLoss, new_run_dir, train
+
+    dist = distributed.init(None if device == "auto" else device)
+    try:
+        method = get_method(cfg["method"])(cfg, dist)
+        run_dir = Path(resume_dir) if resume_dir else None
+        if run_dir is None and dist.is_main:
+            run_dir = new_run_dir(outdir, f"{Path(config_path).stem}")
+            dist.print0(f"run directory: {run_dir}")
+        train(method, cfg, run_dir, dist, resume=bool(resume_dir))
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError) as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
