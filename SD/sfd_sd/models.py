@@ -1,0 +1,157 @@
+"""Loading Stable Diffusion parts and the generator's initial weights.
+
+Everything goes through diffusers/transformers ``from_pretrained``: ``sd_model`` is a hub id
+(default ``stable-diffusion-v1-5/stable-diffusion-v1-5``; the ``runwayml`` repository the authors
+used was withdrawn) or a local folder with the same layout. Tests build a tiny folder and load it
+through exactly this code.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or checkpoint could not be loaded; the message says what to do."""
+
+
+@dataclass
+class SDParts:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    alphas_cumprod: torch.Tensor  # float64, length num_train_timesteps
+    prediction_type: str
+    scheduler_config: dict
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def check_model_source(sd_model: str) -> None:
+    """Fail early and clearly on a local path that does not exist."""
+    if _looks_local(sd_model) and not Path(sd_model).expanduser().is_dir():
+        raise ModelLoadError(f"--sd-model {sd_model!r}: local folder not found")
+
+
+def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
+                  load_vae: bool = True) -> SDParts:
+    """Tokenizer, text encoder, VAE, UNet and noise schedule of an SD v1-style model (fp32, CPU)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_model_source(sd_model)
+    kw = dict(revision=revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **kw)
+        unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", **kw) if load_vae else None
+        # Only the betas matter here; SD v1.5 ships a PNDM config, which DDPMScheduler accepts.
+        sched_cfg = DDPMScheduler.load_config(sd_model, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} "
+                             f"(revision {revision!r}): {exc}") from exc
+    scheduler = DDPMScheduler.from_config(sched_cfg)
+    text_encoder.requires_grad_(False).eval()
+    unet.requires_grad_(False).eval()
+    if vae is not None:
+        vae.requires_grad_(False).eval()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"unsupported prediction_type {prediction_type!r} (need epsilon or v_prediction)")
+    return SDParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                   alphas_cumprod=scheduler.alphas_cumprod.double(), prediction_type=prediction_type,
+                   scheduler_config=dict(sched_cfg))
+
+
+def _check_same_architecture(state: dict, reference: torch.nn.Module, source: str) -> None:
+    ref = reference.state_dict()
+    missing = sorted(set(ref) - set(state))
+    unexpected = sorted(set(state) - set(ref))
+    bad_shape = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or bad_shape:
+        raise ModelLoadError(
+            f"{source}: weights do not match the teacher UNet's architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]})")
+
+
+def _state_from_pickle(path: Path) -> dict:
+    """SiD-LSG releases pickles of ``{"ema": <diffusers UNet2DConditionModel>}``."""
+    with open(path, "rb") as f:
+        obj = pickle.load(f)  # noqa: S301 - the caller opted in explicitly (allow_pickle)
+    net = obj.get("ema") if isinstance(obj, dict) else obj
+    if isinstance(net, torch.nn.Module):
+        return net.state_dict()
+    if isinstance(net, dict) and all(isinstance(v, torch.Tensor) for v in net.values()):
+        return net
+    raise ModelLoadError(f"{path}: expected a dict with key 'ema' holding a UNet or a state dict")
+
+
+def load_generator_init(init: str, teacher_unet: torch.nn.Module, allow_pickle: bool = False) -> torch.nn.Module:
+    """The generator's starting UNet (a new module, fp32, CPU).
+
+    ``init`` is ``"teacher"`` (copy of the teacher UNet), a diffusers UNet folder (``config.json``
+    plus weights, or a pipeline folder with ``unet/``), or a SiD-LSG ``.pkl``. Unpickling executes
+    code stored in the file, so a pickle is only read when ``allow_pickle`` is true.
+    """
+    from diffusers import UNet2DConditionModel
+
+    generator = copy.deepcopy(teacher_unet)
+    if init == "teacher":
+        return generator
+    path = Path(init).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"--init-generator {init!r}: no such file or folder (or use 'teacher')")
+    if path.is_dir():
+        folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"--init-generator {init!r}: not a diffusers UNet folder (no config.json)")
+        try:
+            state = UNet2DConditionModel.from_pretrained(folder).state_dict()
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"--init-generator {init!r}: {exc}") from exc
+    elif path.suffix in (".pkl", ".pickle"):
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"--init-generator {init!r} is a pickle. Loading a pickle runs arbitrary code stored in the "
+                "file; pass --allow-pickle only for files from a source you trust (e.g. the SiD-LSG release), "
+                "or convert it once to a diffusers UNet folder.")
+        state = _state_from_pickle(path)
+    else:
+        raise ModelLoadError(f"--init-generator {init!r}: expected 'teacher', a UNet folder or a .pkl file")
+    _check_same_architecture(state, teacher_unet, f"--init-generator {init!r}")
+    generator.load_state_dict(state)
+    return generator
+
+
+def configure_unet(unet: torch.nn.Module, attention: str = "sdpa", grad_checkpointing: bool = False) -> None:
+    """PyTorch SDPA attention (or xformers if asked) and diffusers' real gradient checkpointing."""
+    if attention == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # xformers missing or incompatible
+            raise ModelLoadError(f"--attention xformers: {exc}") from exc
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    if grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+
+
+def read_snapshot_info(folder: Path) -> dict:
+    """Metadata that ``checkpoints.save_generator_snapshot`` writes beside the UNet weights."""
+    info = Path(folder) / "sfd_generator.json"
+    return json.loads(info.read_text()) if info.is_file() else {}
