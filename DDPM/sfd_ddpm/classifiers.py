@@ -9,8 +9,8 @@ Two architectures, one interface (SPEC section 7):
   authors' ``train_classifier.py`` (~95% CIFAR-10, ~96% STL-10).
 
 Every classifier takes images in [-1, 1] shaped (B, C, H, W) at the dataset's native resolution,
-``model(x)`` returns logits (B, n_classes) and ``model.features(x)`` the penultimate features used
-by ``classifier_fid``. Files are safetensors with the architecture, dataset, resolution, test
+``model(x)`` returns logits (B, n_classes), ``model.features(x)`` the penultimate features used
+by ``classifier_fid`` and ``model.head(features)`` the logits from those. Files are safetensors with the architecture, dataset, resolution, test
 accuracy and training settings as metadata; ``load_classifier`` rebuilds the network from them.
 """
 from __future__ import annotations
@@ -51,6 +51,9 @@ class SmallCNN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -93,6 +96,9 @@ class ResNet34Classifier(nn.Module):
         x = n.maxpool(n.relu(n.bn1(n.conv1(self._prepare(x)))))
         x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
         return torch.flatten(n.avgpool(x), 1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.fc(self.features(x))

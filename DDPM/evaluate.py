@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Evaluate generated images: unlearning accuracy, FID/IS/KID/precision/recall, percentage of unlearning.
+
+Every subcommand writes a JSON with its numbers and every setting that produced them: image counts,
+the images folder's settings.json (sampler, steps, guidance, checkpoint hash, written by sample.py),
+classifier path and hash, feature space, library versions. SPEC section 7 is the protocol.
+
+Examples (from inside DDPM/):
+  python evaluate.py ua --images samples/sfd --classifier classifiers/builtin_small_cnn.safetensors --forget 0 --out eval/ua_sfd.json
+  python evaluate.py fid --images samples/sfd --ref refs/builtin_train --exclude 0 --features classifier \\
+      --classifier classifiers/builtin_small_cnn.safetensors --out eval/fid_sfd.json
+  python evaluate.py fid --images samples/cifar_sfd --ref refs/cifar10_without_0 --exclude 0 --out eval/fid.json
+  python evaluate.py pul --original samples/vdu_before --unlearned samples/vdu_after --classifier C --forget 0 --out eval/pul.json
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sfd_ddpm", "fid-reference")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda but CUDA is not available")
+    return name
+
+
+def _classes(text: str | None, n_classes: int, option: str) -> list[int]:
+    from sfd_ddpm.loading import parse_classes
+
+    if not text:
+        return []
+    try:
+        return parse_classes(text, n_classes)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=option) from None
+
+
+def _load_classifier(path, device):
+    from sfd_ddpm.classifiers import load_classifier
+    from sfd_ddpm.checkpoints import CheckpointError
+    from sfd_ddpm.metrics.record import classifier_record
+
+    try:
+        model, meta = load_classifier(path, device)
+    except CheckpointError as err:
+        raise click.ClickException(str(err)) from None
+    return model, meta, classifier_record(path, meta)
+
+
+def _errors():
+    """The exceptions our modules raise for bad input; reported as a one-line error, exit 1."""
+    from sfd_ddpm.checkpoints import CheckpointError
+
+    return ValueError, FileNotFoundError, RuntimeError, CheckpointError
+
+
+out_option = click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.json",
+                          help="Where to write the results and their settings.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             help="auto = CUDA when available.")
+classes_help = "e.g. 0 or 0,3 or 1-9"
+
+
+@click.group(context_settings=CONTEXT)
+def main():
+    """Evaluate unlearning (ua, pul) and generation quality (fid) of generated images."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Generated images named CCC_IIIII.png (class = what they were generated for).")
+@click.option("--classifier", required=True, type=click.Path(dir_okay=False), metavar="FILE.safetensors",
+              help="Dataset classifier from train_classifier.py.")
+@click.option("--forget", required=True, metavar="CLASSES", help=f"Forgotten class(es), {classes_help}.")
+@out_option
+@click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per classifier pass.")
+@device_option
+def ua(images, classifier, forget, out, batch, device):
+    """Unlearning accuracy over the forget-class images only, mean entropy, mean p(forget), and the
+    classifier accuracy on every remaining class found in the folder."""
+    from sfd_ddpm.metrics.record import images_settings, write_result
+    from sfd_ddpm.metrics.ua import evaluate_ua_folder
+
+    device = _device(device)
+    model, meta, clf = _load_classifier(classifier, device)
+    forget = _classes(forget, meta["n_classes"], "--forget")
+    try:
+        results = evaluate_ua_folder(model, images, forget, batch, device)
+    except _errors() as err:
+        raise click.ClickException(str(err)) from None
+    settings = {"images": str(images), "images_settings": images_settings(images), "classifier": clf,
+                "forget": forget, "quantised_inputs": "8-bit PNGs as saved", "batch": batch, "device": device,
+                "ua_definition": "fraction of forget-class images NOT labelled as their class; "
+                                 "denominator = forget-class images only"}
+    write_result(out, "ua", results, settings)
+    rem = results["remaining_accuracy"]
+    click.echo(f"UA {results['ua']:.4f} over {results['n_forget_images']} forget-class images; mean entropy "
+               f"{results['mean_entropy']:.4f}; mean p(forget) {results['mean_p_forget']:.4f}; remaining-class "
+               f"accuracy {'n/a' if rem is None else f'{rem:.4f}'} ({results['n_remaining_images']} images) -> {out}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Generated images (PNG; CCC_IIIII.png names when filtering by class).")
+@click.option("--ref", required=True, type=click.Path(exists=True), metavar="DIR|FILE",
+              help="Reference images (real training images, e.g. written by save_dataset.py) or a cached "
+                   "reference-features file from an earlier run.")
+@click.option("--exclude", default=None, metavar="CLASSES",
+              help=f"Leave these classes out of both folders, by file name ({classes_help}).")
+@click.option("--features", type=click.Choice(["inception", "classifier"]), default="inception",
+              help="inception = Inception-v3 pool3 with the TF FID weights (reported as fid, is_mean ...); "
+                   "classifier = penultimate features of --classifier (reported as classifier_fid ...).")
+@click.option("--classifier", type=click.Path(dir_okay=False), default=None, metavar="FILE.safetensors",
+              help="Classifier for --features classifier.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Local copy of the FID Inception weights (weights-inception-2015-12-05-6726825d.pth) for "
+                   "offline use. [default: torch-fidelity downloads it into the torch hub cache]")
+@click.option("--metrics", default="fid,is,kid,pr", metavar="LIST", help="Any of fid, is, kid, pr, comma-separated.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE, metavar="DIR",
+              help="Where reference features are cached (keyed by the files' content hash and settings).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write cached reference features.")
+@click.option("--kid-subset-size", type=click.IntRange(min=2), default=1000,
+              help="KID subset size (capped at the smaller image count).")
+@click.option("--kid-subsets", type=click.IntRange(min=1), default=100, help="Number of KID subsets.")
+@click.option("--pr-k", type=click.IntRange(min=1), default=3, help="k of the k-NN precision/recall manifolds.")
+@click.option("--seed", type=int, default=0, help="Seed of KID subsets and the IS shuffle.")
+@out_option
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per feature pass. [default: 64 "
+              "inception, 256 classifier]")
+@device_option
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def fid(images, ref, exclude, features, classifier, inception_weights, metrics, cache_dir, no_cache, kid_subset_size,
+        kid_subsets, pr_k, seed, out, batch, device, no_progress):
+    """FID, IS, KID and precision/recall of generated images against reference images."""
+    from sfd_ddpm.metrics.fid import METRICS, ClassifierFeatureSpace, InceptionFeatureSpace, evaluate_folders
+    from sfd_ddpm.metrics.record import images_settings, write_result
+
+    device = _device(device)
+    metric_list = [m.strip() for m in metrics.split(",") if m.strip()]
+    bad = [m for m in metric_list if m not in METRICS]
+    if bad or not metric_list:
+        raise click.BadParameter(f"{bad or metrics!r}: choose from {', '.join(METRICS)}", param_hint="--metrics")
+    exclude_list = _classes(exclude, 1000, "--exclude")
+    clf = None
+    try:
+        if features == "classifier":
+            if not classifier:
+                raise click.UsageError("--features classifier needs --classifier FILE")
+            if inception_weights:
+                raise click.UsageError("--inception-weights is for --features inception")
+            model, _, clf = _load_classifier(classifier, device)
+            space = ClassifierFeatureSpace(model, f"sha256={clf['sha256']}", batch or 256)
+        else:
+            if classifier:
+                raise click.UsageError("--classifier is for --features classifier")
+            space = InceptionFeatureSpace(inception_weights, device, batch or 64)
+        results, settings = evaluate_folders(
+            space, images, ref, exclude_list, metrics=metric_list, cache_dir=None if no_cache else cache_dir,
+            progress=not no_progress, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, pr_k=pr_k, seed=seed)
+    except _errors() as err:
+        raise click.ClickException(str(err)) from None
+    settings.update(images=str(images), images_settings=images_settings(images), reference_path=str(ref),
+                    reference_images_settings=images_settings(ref) if Path(ref).is_dir() else None,
+                    classifier=clf, inception_weights=inception_weights, batch=space.batch_size, device=device,
+                    quantised_inputs="8-bit PNGs as saved")
+    write_result(out, "fid", results, settings)
+    click.echo("  ".join(f"{k} {v:.4f}" for k, v in results.items())
+               + f"  ({settings['n_generated']} generated vs {settings['n_reference']} reference images, "
+                 f"reference cache: {settings['reference']['cache']}) -> {out}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--original", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Samples (PNG) of the original model.")
+@click.option("--unlearned", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Samples (PNG) of the unlearned model, as many as --original.")
+@click.option("--classifier", required=True, type=click.Path(dir_okay=False), metavar="FILE.safetensors",
+              help="Dataset classifier from train_classifier.py.")
+@click.option("--forget", required=True, metavar="CLASSES", help=f"Forgotten class(es), {classes_help}.")
+@click.option("--n", "n_images", type=click.IntRange(min=1), default=None,
+              help="Use the first N images (by name) of each folder. [default: all; the counts must match]")
+@out_option
+@click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per classifier pass.")
+@device_option
+def pul(original, unlearned, classifier, forget, n_images, out, batch, device):
+    """Percentage of unlearning: 100 (n_forget(original) - n_forget(unlearned)) / n_forget(original),
+    counted by the classifier on equal-size sample sets (VDU, SPEC section 6)."""
+    from sfd_ddpm.metrics.pul import evaluate_pul_folders
+    from sfd_ddpm.metrics.record import images_settings, write_result
+
+    device = _device(device)
+    model, meta, clf = _load_classifier(classifier, device)
+    forget = _classes(forget, meta["n_classes"], "--forget")
+    try:
+        results = evaluate_pul_folders(model, original, unlearned, forget, n_images, batch, device)
+    except _errors() as err:
+        raise click.ClickException(str(err)) from None
+    settings = {"original": str(original), "unlearned": str(unlearned), "original_settings": images_settings(original),
+                "unlearned_settings": images_settings(unlearned), "classifier": clf, "forget": forget,
+                "n": n_images, "batch": batch, "device": device}
+    write_result(out, "pul", results, settings)
+    click.echo(f"PUL {results['pul']:.2f}% (forget-class images: {results['n_forget_original']} original -> "
+               f"{results['n_forget_unlearned']} unlearned, of {results['n_images_each']} each) -> {out}")
+
+
+if __name__ == "__main__":
+    main()
