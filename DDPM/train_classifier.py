@@ -81,13 +81,15 @@ def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int)
               help="Built-in training images per class (the test split is fixed: 200 per class).")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train on a seeded random N images only (smoke tests).")
+@click.option("--limit-test", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Measure test accuracy on the first N test images only (smoke tests).")
 @click.option("--seed", type=int, default=0, help="Seed of initialisation, shuffling and flips.")
 # Performance
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto = CUDA when available.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, help="Data-loading processes (torchvision datasets).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def main(dataset, out, arch, pretrained, imagenet_weights, epochs, lr, head_lr_mult, weight_decay, batch, hflip,
-         resize, width, root, no_download, builtin_per_class, limit_train, seed, device, num_workers, no_progress):
+         resize, width, root, no_download, builtin_per_class, limit_train, limit_test, seed, device, num_workers, no_progress):
     """Train a classifier, print its test accuracy and save it as safetensors with its settings."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -120,6 +122,8 @@ def main(dataset, out, arch, pretrained, imagenet_weights, epochs, lr, head_lr_m
     if limit_train is not None and limit_train < len(train_set):
         keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:limit_train]
         train_set = Subset(train_set, keep.tolist())
+    if limit_test is not None and limit_test < len(test_set):
+        test_set = Subset(test_set, list(range(limit_test)))
     x0, _ = test_set[0]
     in_channels, image_size = x0.shape[0], x0.shape[-1]
 
