@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @click.option("--eta", type=click.FloatRange(min=0), default=0.0, help="DDIM eta (1 = ancestral noise).")
 @click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
               help="Classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null).")
+@click.option("--clip-x0", is_flag=True, help="Clamp the denoised estimate to [-1, 1] at every step (ddpm/ddim).")
 @click.option("--seed", type=int, default=0, help="Base seed of the per-image noise streams.")
 @click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
 @click.option("--no-ema", is_flag=True, help="Sample from the raw weights instead of the EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, seed, batch, no_ema, device):
+def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, seed, batch, no_ema, device):
     """Sample images from a pretrained DDPM or an SFD/SiD one-step generator."""
     import torch
     from tqdm import tqdm
@@ -73,7 +74,8 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, seed, bat
         chunk = mine[k:k + batch]
         labels = torch.tensor([c for c, _ in chunk], device=dist.device)
         seeds = [image_seed(seed, c, i) for c, i in chunk]
-        x = sample(denoiser, sampler, labels, seeds, shape, steps=steps, eta=eta, guidance=guidance, t_init=t_init)
+        x = sample(denoiser, sampler, labels, seeds, shape, steps=steps, eta=eta, guidance=guidance, t_init=t_init,
+                   clip_x0=clip_x0)
         save_images(x, [c for c, _ in chunk], [i for _, i in chunk], out)
     seconds = time.perf_counter() - start
     dist.barrier()
@@ -81,7 +83,7 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, seed, bat
         settings = {"checkpoint": str(path), "checkpoint_sha256": file_hash(path), "kind": meta["kind"],
                     "step": meta["step"], "ema": not no_ema, "classes": class_list, "per_class": per_class,
                     "sampler": sampler, "steps": steps if sampler == "ddim" else None, "eta": eta if sampler == "ddim" else None,
-                    "guidance": guidance, "t_init": t_init if sampler == "one_step" else None, "seed": seed,
+                    "guidance": guidance, "clip_x0": clip_x0 if sampler != "one_step" else None, "t_init": t_init if sampler == "one_step" else None, "seed": seed,
                     "nfe_per_image": nfe(sampler, steps, guidance, cfg["diffusion"]["num_timesteps"]),
                     "generated_now": len(todo), "seconds_rank0": seconds,
                     "images_per_s_rank0": len(mine) / seconds if mine and seconds > 0 else None}

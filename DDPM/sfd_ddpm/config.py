@@ -59,6 +59,7 @@ SCHEMA: dict = {
         "adam_eps": K(1e-8, "Adam epsilon"),
         "grad_clip": K(1.0, "pretraining: gradient-norm clipping (0 = off)"),
         "ema": K(0.9999, "EMA decay of the trained (pretraining) or generator (SFD) weights"),
+        "ema_rampup": K(False, "ramp the EMA decay as min(ema, (1 + k) / (10 + k)) at iteration k, for short runs"),
         "label_dropout": K(0.1, "pretraining: fraction of labels replaced by the null class"),
         "log_every": K(50, "iterations between log.jsonl lines"),
         "snapshot_every": K(5000, "iterations between weight snapshots and sample grids"),
@@ -70,6 +71,7 @@ SCHEMA: dict = {
         "steps": K(100, "DDIM steps for grids"),
         "eta": K(0.0, "DDIM eta for grids"),
         "guidance": K(2.0, "classifier-free guidance w for grids"),
+        "clip_x0": K(False, "clamp the denoised estimate to [-1, 1] at every sampler step"),
         "per_class": K(10, "images per class (one row per class)"),
     },
     "sfd": {
@@ -117,7 +119,7 @@ def _merge(cfg: dict, update: dict, schema: dict, where: str = "") -> None:
         path = f"{where}{key}"
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=1)
-            hint = f" (did you mean {where}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; `train.py --list-keys` lists them all")
         if _is_leaf(schema[key]):
             cfg[key] = _check_type(path, value, schema[key][0])

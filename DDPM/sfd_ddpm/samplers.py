@@ -31,30 +31,41 @@ class NoiseStreams:
 
 @torch.no_grad()
 def ddpm_ancestral(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, guidance: float = 0.0,
-                   progress=None) -> torch.Tensor:
-    """Ancestral sampling of Ho et al. over all T steps, with the posterior variance beta~_t.
+                   clip_x0: bool = False, progress=None) -> torch.Tensor:
+    """Ancestral sampling of Ho et al. over all T steps, with the posterior q(x_{t-1} | x_t, x0_hat):
 
-    x_{t-1} = 1/sqrt(1-beta_t) (x_t - beta_t / b_t eps) + sqrt(beta~_t) z,
-    beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+    mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0_hat + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
+    variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t). Without clipping this is Ho et al.'s eps form.
     """
     sched = denoiser.schedule
     x = noise.randn()
     for t in _steps(range(sched.num_timesteps - 1, -1, -1), progress):
         beta, abar = sched.betas[t].item(), sched.abar[t].item()
         abar_prev = sched.abar[t - 1].item() if t > 0 else 1.0
-        eps = denoiser.eps(x, t, labels, guidance)
-        x = (x - beta / (1 - abar) ** 0.5 * eps) / (1 - beta) ** 0.5
+        x0, _ = _predict_x0(denoiser, x, t, labels, guidance, abar, clip_x0)
+        x = (abar_prev ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - abar_prev) * x) / (1 - abar)
         if t > 0:
             x = x + (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 * noise.randn()
     return x
 
 
+def _predict_x0(denoiser, x, t, labels, guidance, abar, clip_x0):
+    """(x0_hat, eps_hat); with ``clip_x0`` x0_hat is clamped to [-1, 1] and eps_hat made consistent."""
+    eps = denoiser.eps(x, t, labels, guidance)
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
+    return x0, eps
+
+
 @torch.no_grad()
 def ddim(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, steps: int = 100, eta: float = 0.0,
-         guidance: float = 0.0, progress=None) -> torch.Tensor:
+         guidance: float = 0.0, clip_x0: bool = False, progress=None) -> torch.Tensor:
     """DDIM (Song et al., eq. 12) on the uniform sub-sequence 0, k, 2k, ... with k = T // steps.
 
-    eta = 1 with all T steps is the ancestral sampler above.
+    eta = 1 with all T steps is the ancestral sampler above. ``clip_x0`` clamps the denoised estimate
+    to the data range at every step (Ho et al.'s sampler did; the authors' DDIM did not).
     """
     sched = denoiser.schedule
     T = sched.num_timesteps
@@ -65,8 +76,7 @@ def ddim(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, steps: i
     for i in _steps(range(len(seq) - 1, -1, -1), progress):
         t = seq[i]
         abar, abar_prev = sched.abar[t].item(), (sched.abar[seq[i - 1]].item() if i > 0 else 1.0)
-        eps = denoiser.eps(x, t, labels, guidance)
-        x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
+        x0, eps = _predict_x0(denoiser, x, t, labels, guidance, abar, clip_x0)
         c1 = eta * ((1 - abar / abar_prev) * (1 - abar_prev) / (1 - abar)) ** 0.5
         c2 = max(1 - abar_prev - c1 ** 2, 0.0) ** 0.5
         x = abar_prev ** 0.5 * x0 + c2 * eps
@@ -84,13 +94,14 @@ def one_step(generator: Denoiser, labels: torch.Tensor, z: torch.Tensor, t_init:
 
 
 def sample(denoiser: Denoiser, sampler: str, labels: torch.Tensor, seeds: list[int], shape, *, steps: int = 100,
-           eta: float = 0.0, guidance: float = 0.0, t_init: int = 440, progress=None) -> torch.Tensor:
+           eta: float = 0.0, guidance: float = 0.0, t_init: int = 440, clip_x0: bool = False,
+           progress=None) -> torch.Tensor:
     """Dispatch by name; returns images in (roughly) [-1, 1]."""
     noise = NoiseStreams(seeds, shape, labels.device)
     if sampler == "ddpm":
-        return ddpm_ancestral(denoiser, labels, noise, guidance, progress)
+        return ddpm_ancestral(denoiser, labels, noise, guidance, clip_x0, progress)
     if sampler == "ddim":
-        return ddim(denoiser, labels, noise, steps, eta, guidance, progress)
+        return ddim(denoiser, labels, noise, steps, eta, guidance, clip_x0, progress)
     if sampler == "one_step":
         with torch.no_grad():
             return one_step(denoiser, labels, noise.randn(), t_init, guidance)

@@ -24,6 +24,12 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+def ema_decay(cfg: dict, step: int) -> float:
+    """training.ema, optionally ramped up so that short runs do not average in the random init."""
+    tr = cfg["training"]
+    return min(tr["ema"], (1 + step) / (10 + step)) if tr["ema_rampup"] else tr["ema"]
+
+
 def wrap(net: nn.Module, dist: Dist) -> nn.Module:
     """DDP under torchrun, the module itself otherwise."""
     if not dist.enabled:

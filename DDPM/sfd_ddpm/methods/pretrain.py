@@ -12,7 +12,7 @@ from ..diffusion import Denoiser, VPSchedule, eps_loss
 from ..distributed import Dist
 from ..networks import build_network
 from ..samplers import image_seed, sample
-from .common import ema_update, frozen_copy, grid_labels, unwrap, wrap
+from .common import ema_decay, ema_update, frozen_copy, grid_labels, unwrap, wrap
 
 
 def schedule_of(cfg: dict) -> VPSchedule:
@@ -62,7 +62,7 @@ class Pretrain:
         if tr["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), tr["grad_clip"])
         self.opt.step()
-        ema_update(self.ema, unwrap(self.net), tr["ema"])
+        ema_update(self.ema, unwrap(self.net), ema_decay(self.cfg, step))
         return {"loss": self.dist.mean(loss.detach()).item()}
 
     def weights(self) -> dict:
@@ -82,5 +82,5 @@ class Pretrain:
         seeds = [image_seed(self.cfg["seed"], int(c), i) for c, i in zip(labels, idx)]
         x = sample(Denoiser(self.ema, self.schedule, self.ema.null_label), g["sampler"], labels, seeds,
                    (d["channels"], d["image_size"], d["image_size"]), steps=g["steps"], eta=g["eta"],
-                   guidance=g["guidance"])
+                   guidance=g["guidance"], clip_x0=g["clip_x0"])
         return {"grid": (x, g["per_class"])}

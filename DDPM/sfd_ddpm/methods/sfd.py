@@ -16,7 +16,7 @@ from ..distributed import Dist
 from ..losses import fake_score_loss, generator_loss
 from ..networks import build_network
 from ..samplers import image_seed, NoiseStreams, one_step
-from .common import ema_update, frozen_copy, grid_labels, unwrap, wrap
+from .common import ema_decay, ema_update, frozen_copy, grid_labels, unwrap, wrap
 from .pretrain import schedule_of
 from .forget_spec import ForgetSpec
 
@@ -24,26 +24,23 @@ from .forget_spec import ForgetSpec
 class SFD:
     kind = "sfd"
 
-    def __init__(self, cfg: dict, dist: Dist):
+    def __init__(self, cfg: dict, dist: Dist, networks: tuple | None = None):
+        """``networks`` = (teacher, fake score, generator) modules, already initialised, replaces loading
+        them from ``sfd.init`` / ``sfd.init_stage1`` (tests use it to plug in small analytic models)."""
         self.cfg, self.dist = cfg, dist
         s = cfg["sfd"]
-        teacher_w, fake_w, gen_w = self._initial_weights(cfg)
-        n_classes = cfg["data"]["n_classes"]
         if cfg["method"] == "sid" and s["forget"]:
             raise ValueError("method sid distils every class; set sfd.forget=[] (or use method sfd)")
         if cfg["method"] == "sfd" and not s["forget"]:
             raise ValueError("method sfd needs at least one class in sfd.forget (or use method sid)")
-        self.spec = ForgetSpec.parse(s["forget"], s["override"], n_classes, s["classifier"], s["classifier_mode"],
-                                     dist.device)
+        if networks is None:
+            networks = self._load_networks(cfg)
+        teacher, fake, gen = networks
+        self.spec = ForgetSpec.parse(s["forget"], s["override"], cfg["data"]["n_classes"], s["classifier"],
+                                     s["classifier_mode"], dist.device)
         self.schedule = schedule_of(cfg)
         dev = dist.device
-        teacher = build_network(cfg)
-        load_into(teacher, teacher_w[1], teacher_w[0])
         self.teacher_net = frozen_copy(teacher).to(dev)
-        fake = build_network(cfg)
-        load_into(fake, fake_w[1], fake_w[0])
-        gen = build_network(cfg)
-        load_into(gen, gen_w[1], gen_w[0])
         self.fake_net = wrap(fake.to(dev).train(), dist)
         self.gen_net = wrap(gen.to(dev).train(), dist)
         self.gen_ema = frozen_copy(unwrap(self.gen_net))
@@ -60,6 +57,16 @@ class SFD:
         self.n = dist.local_batch(cfg["training"]["batch_size"])
         self.shape = (cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"])
         self.warmup_iters = round(s["forget_warmup"] * cfg["training"]["n_iters"])
+
+    @classmethod
+    def _load_networks(cls, cfg: dict):
+        """Teacher, fake score and generator built from the checkpoints named in ``cfg['sfd']``."""
+        modules = []
+        for source, state in cls._initial_weights(cfg):
+            net = build_network(cfg)
+            load_into(net, state, source)
+            modules.append(net)
+        return modules
 
     @staticmethod
     def _initial_weights(cfg: dict):
@@ -141,7 +148,7 @@ class SFD:
         losses_theta = self._run_terms(terms, w_theta, self._theta_terms)
         self._clip_and_step(self.gen_net, self.opt_theta)
         self.fake_net.requires_grad_(True)
-        ema_update(self.gen_ema, unwrap(self.gen_net), self.cfg["training"]["ema"])
+        ema_update(self.gen_ema, unwrap(self.gen_net), ema_decay(self.cfg, step))
         names = ["remain", "forget"]
         for k, v in enumerate(losses_phi):
             out[f"phi_{names[k]}"] = v
