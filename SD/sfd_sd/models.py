@@ -44,7 +44,7 @@ def check_model_source(sd_model: str) -> None:
 
 
 def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
-                  load_vae: bool = True) -> SDParts:
+                  load_vae: bool = True, load_unet: bool = True) -> SDParts:
     """Tokenizer, text encoder, VAE, UNet and noise schedule of an SD v1-style model (fp32, CPU)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -54,7 +54,7 @@ def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
     try:
         tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder", **kw)
-        unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **kw)
+        unet = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet", **kw) if load_unet else None
         vae = AutoencoderKL.from_pretrained(sd_model, subfolder="vae", **kw) if load_vae else None
         # Only the betas matter here; SD v1.5 ships a PNDM config, which DDPMScheduler accepts.
         sched_cfg = DDPMScheduler.load_config(sd_model, subfolder="scheduler", **kw)
@@ -63,7 +63,8 @@ def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
                              f"(revision {revision!r}): {exc}") from exc
     scheduler = DDPMScheduler.from_config(sched_cfg)
     text_encoder.requires_grad_(False).eval()
-    unet.requires_grad_(False).eval()
+    if unet is not None:
+        unet.requires_grad_(False).eval()
     if vae is not None:
         vae.requires_grad_(False).eval()
     prediction_type = scheduler.config.prediction_type

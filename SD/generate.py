@@ -1,0 +1,103 @@
+"""Generate images for prompt files x seeds from an SFD generator snapshot (one step) or from the
+original Stable Diffusion model (its usual multi-step sampler), for comparison.
+
+Output: <outdir>/<prompt slug>/<seed:05d>.png and <outdir>/manifest.json (prompt, seed, path per
+image, plus model and sampler settings). Under torchrun the ranks split the batches.
+
+  python generate.py --network runs/sd/00000-.../network-snapshot-000100000 \\
+      --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sfd
+  python generate.py --network teacher --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sd15
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from sfd_sd.cli import GroupedCommand, SeedRange, option
+from sfd_sd.models import DEFAULT_SD_MODEL, ModelLoadError
+from sfd_sd.prompts import PromptError
+
+
+@click.command(cls=GroupedCommand, context_settings={"show_default": True})
+@option("--network", group="Model", required=True, metavar="DIR|teacher",
+        help="Generator snapshot folder (network-snapshot-*), or 'teacher' for the original model's sampler.")
+@option("--sd-model", group="Model", default=None, metavar="ID|DIR",
+        help=f"Base model for tokenizer, text encoder and VAE. Default: the snapshot's, else {DEFAULT_SD_MODEL}.")
+@option("--revision", group="Model", default=None, metavar="REV", help="Hub revision of --sd-model.")
+@option("--prompts", "prompt_files", group="Prompts", type=click.Path(exists=True, dir_okay=False), multiple=True,
+        metavar="TXT", help="Prompt file(s), one prompt per line (repeatable).")
+@option("--prompt", "prompt_texts", group="Prompts", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
+@option("--seeds", group="Prompts", type=SeedRange(), default="0-19", help="Seeds per prompt, e.g. '0-19' or '0,5,9'.")
+@option("--t-init", group="Sampler", type=click.IntRange(1, 999), default=None,
+        help="One-step generator timestep. Default: from the snapshot's sfd_generator.json, else 625.")
+@option("--steps", group="Sampler", type=click.IntRange(min=1), default=50, help="Teacher sampler steps (--network teacher).")
+@option("--guidance", group="Sampler", type=click.FloatRange(min=0), default=7.5, help="Teacher CFG scale (--network teacher).")
+@option("--negative-prompt", group="Sampler", default="", help="Teacher negative prompt (--network teacher).")
+@option("--resolution", group="Sampler", type=click.IntRange(min=8), default=512, metavar="PX", help="Image size.")
+@option("--batch", group="Performance", type=click.IntRange(min=1), default=8, help="Images per forward pass per process.")
+@option("--precision", group="Performance", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+        help="auto = fp16 on CUDA, fp32 on CPU.")
+@option("--device", group="Performance", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", help="Compute device.")
+@option("--outdir", group="I/O", type=click.Path(file_okay=False), required=True, help="Output folder.")
+def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init, steps, guidance, negative_prompt,
+         resolution, batch, precision, device, outdir):
+    """Images for prompts x seeds (one step from a snapshot, or the teacher's multi-step sampler)."""
+    from sfd_sd import distributed
+    from sfd_sd.checkpoints import atomic_write_json
+    from sfd_sd.generation import OneStepSampler, TeacherSampler, prompt_dirs, work_batches
+    from sfd_sd.models import read_snapshot_info
+    from sfd_sd.prompts import read_prompt_file
+
+    try:
+        prompts = [p for f in prompt_files for p in read_prompt_file(f, "--prompts")] + list(prompt_texts)
+        if not prompts:
+            raise PromptError("give --prompts FILE or --prompt TEXT")
+        prompts = list(dict.fromkeys(prompts))
+        dirs = prompt_dirs(prompts)
+        info = {} if network == "teacher" else read_snapshot_info(Path(network))
+        if network != "teacher" and not Path(network).is_dir():
+            raise ModelLoadError(f"--network {network!r}: not a folder (or use 'teacher')")
+        sd_model = sd_model or info.get("sd_model") or DEFAULT_SD_MODEL
+        revision = revision or info.get("revision")
+        t_init = t_init or int(info.get("t_init", 625))
+        dist = distributed.init(device)
+        if precision == "auto":
+            precision = "fp16" if dist.device.type == "cuda" else "fp32"
+        if precision == "fp16" and dist.device.type != "cuda":
+            raise click.BadParameter("fp16 needs CUDA", param_hint="--precision")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        if network == "teacher":
+            sampler = TeacherSampler(sd_model, revision, steps, guidance, negative_prompt, resolution, dist.device, dtype)
+        else:
+            sampler = OneStepSampler(network, sd_model, revision, t_init, resolution, dist.device,
+                                     None if dtype == torch.float32 else dtype)
+    except (PromptError, ModelLoadError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    from sfd_sd import images as img
+
+    out = Path(outdir)
+    batches = work_batches(len(prompts), seeds, batch)
+    for items in batches[dist.rank::dist.world_size]:
+        batch_prompts = [prompts[pi] for pi, _ in items]
+        batch_seeds = [s for _, s in items]
+        pics = sampler(batch_prompts, batch_seeds)
+        for (pi, s), pic in zip(items, pics):
+            img.save_png(pic.numpy(), out / dirs[pi] / f"{s:05d}.png")
+    dist.barrier()
+    if dist.is_main:
+        manifest = dict(
+            network=str(network), sd_model=sd_model, revision=revision, resolution=resolution, precision=precision,
+            seeds=list(seeds), prompts=prompts, world_size=dist.world_size, batch=batch, **sampler.settings,
+            images=[dict(prompt=prompts[pi], seed=s, path=f"{dirs[pi]}/{s:05d}.png")
+                    for pi in range(len(prompts)) for s in seeds])
+        atomic_write_json(out / "manifest.json", manifest)
+        click.echo(f"wrote {len(prompts) * len(seeds)} images and manifest.json to {out}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
