@@ -65,10 +65,12 @@ class PromptEncoder:
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
-        for p in prompts:
-            if p not in self._warned and len(self.tokenizer(p).input_ids) > self.max_length:
-                self._warned.add(p)
-                warnings.warn(f"prompt truncated to {self.max_length} tokens: {p[:60]!r}...", stacklevel=3)
+        if not self._warned:  # warn once per encoder, not once per prompt
+            for p in prompts:
+                if len(self.tokenizer(p).input_ids) > self.max_length:
+                    self._warned.add(p)
+                    warnings.warn(f"prompt(s) truncated to {self.max_length} tokens, e.g. {p[:60]!r}", stacklevel=3)
+                    break
         out = self.text_encoder(tok.input_ids.to(self.device))[0]
         return out.to(self.dtype)
 

@@ -331,6 +331,11 @@ def train(cfg: TrainConfig) -> Path:
 
     def save_state(nimg: int) -> None:
         rng = dist.gather_objects({"prompt": prompt_gen.get_state(), "noise": noise_gen.get_state().cpu()})
+        # Ranks must hold identical weights (gradients are averaged); catch any divergence here.
+        sums = dist.gather_objects([float(sum(p.detach().double().sum() for p in m.parameters()))
+                                    for m in (fake_unet, gen_unet)])
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"weights differ across ranks: {sums}")
         if not dist.is_main:
             return
         state = dict(fake_score=fake_unet.state_dict(), generator=gen_unet.state_dict(),
