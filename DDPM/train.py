@@ -69,7 +69,10 @@ def run(cfg, config_path, outdir, resume_dir, device):
     from sfd_ddpm.methods import get_method
     from sfd_ddpm.training import NonFiniteLoss, new_run_dir, train
 
+    import torch
+
     dist = distributed.init(None if device == "auto" else device)
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank; train() then seeds seed + rank
     try:
         method = get_method(cfg["method"])(cfg, dist)
         run_dir = Path(resume_dir) if resume_dir else None

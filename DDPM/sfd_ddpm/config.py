@@ -44,6 +44,8 @@ SCHEMA: dict = {
         "layers_per_block": K(2, "residual blocks per level"),
         "attn_resolutions": K([16], "resolutions with self-attention"),
         "dropout": K(0.1, "dropout in residual blocks (active in train mode)"),
+        "output": K("eps", "what the UNet outputs: eps (the paper) or v, turned into eps = b_t x_t + a_t v "
+                           "(still an eps-prediction model; helps small, briefly trained models near t = T)"),
     },
     "diffusion": {
         "beta_start": K(1e-4, "first beta of the linear schedule"),
@@ -136,6 +138,11 @@ def _check_type(path: str, value, default):
         if not isinstance(value, bool):
             raise ConfigError(f"{path} must be true or false, got {value!r}")
     elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value) if isinstance(default, float) else int(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         if isinstance(default, float):

@@ -1,0 +1,162 @@
+"""The entry scripts as a user runs them: train, resume, torchrun, sample, save_dataset, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, run_script, torchrun
+
+
+def only_run(outdir):
+    runs = [p for p in outdir.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_help_explains_every_option():
+    for script in ("train.py", "sample.py", "save_dataset.py"):
+        text = run_script(script, "--help").stdout
+        assert "Usage:" in text and "--help" in text
+    keys = run_script("train.py", "--list-keys").stdout
+    assert "sfd.lambda_theta_f" in keys and "training.ema" in keys
+
+
+def test_dry_run_prints_the_resolved_config():
+    out = run_script("train.py", "--config", "configs/cifar10_sfd.yaml", "--dry-run", "sfd.forget=[0,3]").stdout
+    cfg = json.loads(out)
+    assert cfg["sfd"]["forget"] == [0, 3] and cfg["sfd"]["alpha"] == 1.2 and cfg["sfd"]["t_init"] == 440
+    assert cfg["sfd"]["lr_phi"] == 3e-5 and cfg["training"]["batch_size"] == 128
+
+
+def test_pretrain_run_writes_its_artefacts(tiny_teacher):
+    run = tiny_teacher.parent
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "log.jsonl", "training-state.pt", "network-0000004.safetensors", "grid-0000004.png"} <= names
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["images_per_s"] > 0 and "loss" in r for r in records)
+    assert records[-1]["images_seen"] == 32
+    assert set(load_file(str(tiny_teacher))) and json.loads((run / "config.json").read_text())["method"] == "pretrain"
+
+
+@pytest.mark.parametrize("method_args", [
+    ["--config", "configs/builtin_train.yaml"],
+    ["--config", "configs/builtin_sfd.yaml"],
+])
+def test_resume_is_exact(tmp_path, tiny_teacher, method_args):
+    """N iterations straight == N/2, then --resume for the other N/2: identical weights."""
+    extra = [*TINY, f"sfd.init={tiny_teacher}", "training.snapshot_every=100"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    run_script("train.py", *method_args, "--outdir", straight, *extra, "training.n_iters=4")
+    run_script("train.py", *method_args, "--outdir", halves, *extra, "training.n_iters=2")
+    run_h = only_run(halves)
+    run_script("train.py", "--resume", run_h, "training.n_iters=4")
+    a = load_file(str(only_run(straight) / "network-0000004.safetensors"))
+    b = load_file(str(run_h / "network-0000004.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line)["step"] for line in (run_h / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_sfd_run_outputs_and_one_step_sampling(tmp_path, tiny_teacher):
+    out = tmp_path / "sfd"
+    run_script("train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", out, *TINY,
+               f"sfd.init={tiny_teacher}", "training.n_iters=4", "training.early_snapshots=2")
+    run = only_run(out)
+    weights = load_file(str(run / "network-0000004.safetensors"))
+    assert {k.split(".")[0] for k in weights} == {"generator_ema", "generator", "fake_score"}
+    assert (run / "network-0000001.safetensors").exists()  # early log-spaced snapshot
+    assert (run / "grid_ema-0000004.png").exists() and (run / "grid-0000004.png").exists()
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert {"phi_remain", "phi_forget", "theta_remain", "theta_forget", "images_seen", "images_per_s"} <= set(record)
+    samples = tmp_path / "samples"
+    run_script("sample.py", "--ckpt", run, "--out", samples, "--classes", "0,1", "--per-class", "3", "--sampler", "one_step")
+    names = sorted(p.name for p in samples.glob("*.png"))
+    assert names == [f"{c:03d}_{i:05d}.png" for c in (0, 1) for i in range(3)]
+    settings = json.loads((samples / "settings.json").read_text())
+    assert settings["sampler"] == "one_step" and settings["t_init"] == 440 and settings["nfe_per_image"] == 1
+
+
+def test_sampling_cli_is_deterministic_across_batch_sizes(tmp_path, tiny_teacher):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--ckpt", tiny_teacher, "--classes", "0-2", "--per-class", "3", "--sampler", "ddim", "--steps", "3",
+              "--guidance", "1", "--seed", "5"]
+    run_script("sample.py", *common, "--out", a, "--batch", "9")
+    run_script("sample.py", *common, "--out", b, "--batch", "2")
+    files = sorted(p.name for p in a.glob("*.png"))
+    assert len(files) == 9 and files == sorted(p.name for p in b.glob("*.png"))
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_torchrun_two_processes(tmp_path, tiny_teacher):
+    out = tmp_path / "runs"
+    torchrun("train.py", "--config", "configs/builtin_train.yaml", "--outdir", out, *TINY, "training.n_iters=2",
+             "--device", "cpu")
+    run = only_run(out)  # rank 0 alone created a run directory
+    assert (run / "network-0000002.safetensors").exists()
+    # every rank draws its own timesteps and noise, with half of the global batch
+    for method, extra in (("pretrain", []), ("sfd", [f"sfd.init={tiny_teacher}"])):
+        probe = tmp_path / f"{method}.json"
+        torchrun("tests/dist_probe.py", probe, method, *TINY, "training.n_iters=1", *extra)
+        ranks = json.loads(probe.read_text())
+        assert [r["batch"] for r in ranks] == [4, 4]
+        assert ranks[0]["t"] != ranks[1]["t"]
+        if ranks[0]["noise_sum"] is not None:
+            assert ranks[0]["noise_sum"] != ranks[1]["noise_sum"]
+
+
+def test_save_dataset_writes_named_pngs(tmp_path):
+    out = tmp_path / "ref"
+    run_script("save_dataset.py", "--dataset", "builtin", "--out", out, "--exclude-class", "0", "--per-class", "2")
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == [f"{c:03d}_{i:05d}.png" for c in range(1, 10) for i in range(2)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.py", "--config", "configs/builtin_train.yaml", "data.dataset=imagenet", "training.n_iters=1"], "unknown dataset"),
+    (["train.py", "--config", "configs/builtin_train.yaml", "training.bogus=1"], "unknown config key"),
+    (["train.py", "--config", "configs/missing.yaml"], "not found"),
+    (["train.py", "--config", "configs/builtin_sfd.yaml", "sfd.init=nowhere.safetensors"], "not found"),
+    (["train.py", "--config", "configs/builtin_sfd.yaml"], "set sfd.init"),
+    (["sample.py", "--ckpt", "CORRUPT", "--out", "OUT"], "not a readable safetensors"),
+])
+def test_bad_input_fails_loudly(tmp_path, args, message):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    args = [str(corrupt) if a == "CORRUPT" else str(tmp_path / "o") if a == "OUT" else a for a in args]
+    proc = run_script(*args, "--outdir", tmp_path / "runs", check=False) if args[0] == "train.py" else \
+        run_script(*args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_labels_and_architecture_mismatch(tmp_path, tiny_teacher):
+    proc = run_script("sample.py", "--ckpt", tiny_teacher, "--out", tmp_path / "o", "--classes", "12", check=False)
+    assert proc.returncode != 0 and "out of range" in proc.stderr
+    proc = run_script("train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", tmp_path / "r", *TINY,
+                      f"sfd.init={tiny_teacher}", "sfd.forget=[12]", check=False)
+    assert proc.returncode != 0 and "out of range" in proc.stderr
+    from sfd_ddpm.checkpoints import CheckpointError, load_into, load_weights
+    from sfd_ddpm.networks import ClassConditionalUNet
+    nets, _ = load_weights(tiny_teacher)
+    wider = ClassConditionalUNet(16, 3, 10, 16, [1, 2], 1, [8], 0.0)
+    with pytest.raises(CheckpointError, match="different architecture"):
+        load_into(wider, nets["ema"], str(tiny_teacher))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_teacher):
+    out = tmp_path / "nan"
+    proc = run_script("train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", out, *TINY,
+                      f"sfd.init={tiny_teacher}", "training.n_iters=6", "training.state_every=1",
+                      "sfd.lr_theta=1e38", "sfd.grad_clip_value=0", check=False)
+    assert proc.returncode != 0 and "non-finite loss at iteration" in proc.stderr, proc.stderr
+    run = only_run(out)
+    state = torch.load(run / "training-state.pt", weights_only=True)
+    assert 1 <= state["step"] < 6  # the last good state is kept, not overwritten by the bad step
