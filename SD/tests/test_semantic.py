@@ -1,13 +1,26 @@
 """Semantic test: SFD really forgets a word and keeps the others (ISSUE 7 acceptance).
 
-A tiny text-conditioned teacher is trained on synthetic latents whose pattern depends on one word
-of the prompt (cat, dog, bird, fish). SFD (through the real ``train`` entry point) then forgets
-"cat" into "dog": afterwards the one-step generator's latents for cat prompts must look like the
-dog pattern, while bird and fish prompts keep their own patterns.
+Latents are synthetic: the prompt's word (cat, dog, bird, fish) picks a +-1 pattern P_w in the 4x8x8
+latent space and x0 | prompt ~ N(P_w, 0.3^2 I). The teacher is exact for that data: a
+``GaussianTextScore`` (tests/gaussian_text.py) with the UNet call signature, whose per-prompt mean and
+variance are a linear map of the tiny CLIP text encoder's hidden states, fitted by least squares. (A
+tiny UNet trained on such data within CPU minutes learns to read the class from x_t, not from the
+text, so its one-step output follows the seed; the exact teacher removes that problem, as in the DDPM
+tree's semantic test.) Fake score and generator start as trainable copies of the teacher.
+
+SFD then runs through the real SD code: ``build_prompt_sampler`` / ``guidance_settings`` from a
+``TrainConfig`` (forget prompts from a file, override by substituting "cat" -> "dog", remain prompts
+from a file), ``GuidedDenoiser`` + ``PromptEncoder`` over the real tokenizer and text encoder loaded by
+``load_sd_parts``, and ``SFDStep`` (routing, fake-score and SiD losses, Adam steps, EMA); only the
+network is swapped. Guidance scales are 1 (no CFG), so the target of every term is exact.
+
+Measured on the generator's one-step latents (256 seeds per prompt): the RMS distance of each
+prompt's mean latent to every pattern, the fraction of samples nearest to a pattern, and the spread
+(per-element std over seeds; the data's is 0.3, the teacher's one-step output has 0.036).
 """
 from __future__ import annotations
 
-import json
+import copy
 import time
 
 import pytest
@@ -16,98 +29,140 @@ import torch
 WORDS = ("cat", "dog", "bird", "fish")
 TEMPLATES = ("a photo of a {}", "a picture of a {}", "a painting of a {}", "a {} on a table", "a {} in a park")
 SHAPE = (4, 8, 8)
+DATA_STD = 0.3
+ITERATIONS = 2000
 
 
 def patterns() -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
-    return torch.sign(torch.randn(len(WORDS), *SHAPE, generator=g))  # entries +-1, nearly orthogonal
+    return torch.sign(torch.randn(len(WORDS), *SHAPE, generator=g))  # entries +-1; RMS distance ~1.41 apart
 
 
-def nearest(latents: torch.Tensor, pats: torch.Tensor) -> torch.Tensor:
-    a = torch.nn.functional.normalize(latents.flatten(1), dim=1)
-    b = torch.nn.functional.normalize(pats.flatten(1), dim=1)
-    return (a @ b.T).argmax(1)
+@pytest.fixture(scope="module")
+def setup(tiny_sd_dir, tmp_path_factory):
+    from gaussian_text import GaussianTextScore
 
-
-def train_teacher(parts, pats, steps: int, seed: int = 0):
-    """eps-prediction DSM with 10% prompt dropout (for CFG), SD's scaled-linear schedule."""
     from sfd_sd.denoiser import PromptEncoder, VPSchedule
+    from sfd_sd.models import load_sd_parts
 
-    torch.manual_seed(seed)
-    unet, sched = parts.unet, VPSchedule(parts.alphas_cumprod)
-    unet.train().requires_grad_(True)
-    enc = PromptEncoder(parts.tokenizer, parts.text_encoder, "cpu")
-    opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
-    prompts = [(t.format(w), k) for k, w in enumerate(WORDS) for t in TEMPLATES]
-    for step in range(steps):
-        idx = torch.randint(len(prompts), (64,))
-        labels = torch.tensor([prompts[i][1] for i in idx])
-        text = [prompts[i][0] if torch.rand(()) > 0.1 else "" for i in idx]
-        x0 = pats[labels] + 0.1 * torch.randn(64, *SHAPE)
-        t = torch.randint(0, 1000, (64,))
-        eps = torch.randn_like(x0)
-        pred = unet(sched.add_noise(x0, eps, t), t, enc(text)).sample
-        loss = (pred - eps).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * min(1.0, 2 * (1 - step / steps))
-        opt.step()
-    unet.eval().requires_grad_(False)
-    return float(loss)
+    parts = load_sd_parts(str(tiny_sd_dir), load_vae=False, load_unet=False)  # real tokenizer + text encoder
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, "cpu")
+    pats = patterns()
+    prompts = [t.format(w) for w in WORDS for t in TEMPLATES] + [""]
+    means = torch.stack([pats[i // len(TEMPLATES)] for i in range(len(prompts) - 1)] + [pats.mean(0)])
+    hidden = encoder(prompts)
+    teacher = GaussianTextScore(parts.alphas_cumprod, hidden.shape[1], hidden.shape[2], SHAPE)
+    teacher.fit(hidden, means, DATA_STD ** 2).requires_grad_(False).eval()
+    fitted_mean, fitted_var = teacher.stats(hidden)
+    assert (fitted_mean - means.flatten(1)).abs().max() < 1e-3 and torch.allclose(fitted_var, torch.tensor(0.09), atol=1e-3)
+    folder = tmp_path_factory.mktemp("semantic")
+    (folder / "remain.txt").write_text("\n".join(t.format(w) for w in WORDS[1:] for t in TEMPLATES) + "\n")
+    (folder / "forget.txt").write_text("\n".join(t.format("cat") for t in TEMPLATES) + "\n")
+    return dict(parts=parts, encoder=encoder, teacher=teacher, pats=pats, folder=folder,
+                schedule=VPSchedule(parts.alphas_cumprod))
+
+
+def run_sfd(setup, forget_weight: float):
+    """SFD forgetting "cat" into "dog" through the real SD training step; returns the EMA generator."""
+    from sfd_sd.config import TrainConfig
+    from sfd_sd.denoiser import GuidedDenoiser
+    from sfd_sd.distributed import Dist
+    from sfd_sd.training import Nets, SFDStep, build_prompt_sampler, guidance_settings
+
+    folder = setup["folder"]
+    cfg = TrainConfig(
+        remain_prompts=str(folder / "remain.txt"), forget_prompts=str(folder / "forget.txt"),
+        concept_to_forget="cat", concept_to_override="dog",
+        kappa_fake_train=1.0, kappa_fake_eval=1.0, kappa_teacher=1.0,
+        alpha=1.2, batch=16, lr_fake=2e-4, lr_gen=6e-5, ema_halflife_kimg=0.5,
+        w_fake_forget=forget_weight, w_gen_forget=forget_weight, seed=0)
+    cfg.check()
+    sampler, _, _ = build_prompt_sampler(cfg)
+    assert sampler.pairs == [(t.format("cat"), t.format("dog")) for t in TEMPLATES]
+    torch.manual_seed(0)
+    teacher = setup["teacher"]
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    gen = copy.deepcopy(teacher).requires_grad_(True)
+    ema = copy.deepcopy(gen).requires_grad_(False)
+    mk = lambda net: GuidedDenoiser(net, setup["schedule"], setup["encoder"])  # noqa: E731
+    nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema)
+    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, **opt_kw)
+    opt_gen = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, **opt_kw)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step = SFDStep(cfg, nets, sampler, guidance_settings(cfg), Dist(), opt_fake, opt_gen, scaler, scaler,
+                   torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), SHAPE)
+    assert not step.g.dropout_active  # kappa = 1: one conditional pass, no prompt dropout
+    nimg = 0
+    for _ in range(ITERATIONS):
+        losses = step(nimg)
+        nimg += cfg.batch
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    return mk(ema)
 
 
 @torch.no_grad()
-def one_step_latents(unet, parts, prompts, n_seeds=8, t_init=625):
-    from sfd_sd.denoiser import GuidedDenoiser, PromptEncoder, VPSchedule, one_step_generate
+def measure(setup, generator) -> dict[str, dict[str, torch.Tensor]]:
+    """Per word: RMS distance of each prompt's mean latent to each pattern (templates x words), the
+    fraction of samples nearest to each pattern (words), and the spread of each prompt (templates)."""
+    from sfd_sd.denoiser import one_step_generate
     from sfd_sd.generation import seed_noise
 
-    den = GuidedDenoiser(unet, VPSchedule(parts.alphas_cumprod), PromptEncoder(parts.tokenizer, parts.text_encoder, "cpu"))
-    z = seed_noise(range(n_seeds), SHAPE)
-    return torch.cat([one_step_generate(den, z, [p] * n_seeds, t_init) for p in prompts])
+    pats = setup["pats"].flatten(1)
+    z = seed_noise(range(256), SHAPE)
+    out = {}
+    for w in WORDS:
+        x = torch.stack([one_step_generate(generator, z, [t.format(w)] * len(z), 625).flatten(1) for t in TEMPLATES])
+        dist = (x.mean(1)[:, None] - pats[None]).square().mean(2).sqrt()
+        nearest = torch.cdist(x.flatten(0, 1), pats).argmin(1)
+        out[w] = dict(dist=dist, nearest=torch.bincount(nearest, minlength=len(WORDS)) / len(nearest),
+                      spread=x.std(1).mean(1))
+    return out
+
+
+def summary(m) -> str:
+    return "; ".join(f"{w}: dist to {'/'.join(WORDS)} {[round(v, 3) for v in r['dist'].mean(0).tolist()]}, "
+                     f"spread {r['spread'].min():.3f}-{r['spread'].max():.3f}" for w, r in m.items())
+
+
+def check_keeps(m, word: str, target: str) -> None:
+    """``word`` prompts draw the ``target`` pattern: every prompt's mean near it, far from the others,
+    nearly every sample nearest to it, spread neither collapsed nor blown up (data: 0.3)."""
+    r, k = m[word], WORDS.index(target)
+    others = [j for j in range(len(WORDS)) if j != k]
+    assert r["dist"][:, k].max() < 0.35, (word, target, r["dist"])
+    assert r["dist"][:, others].min() > 1.0, (word, target, r["dist"])
+    assert r["nearest"][k] > 0.98, (word, target, r["nearest"])
+    assert (r["spread"] > 0.15).all() and (r["spread"] < 0.45).all(), (word, r["spread"])
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="UNFINISHED: within the CPU budget the tiny teacher learns to read the class from x_t "
-                         "instead of the text, so its one-step output does not follow the prompt; see SD/README.md")
-def test_sfd_forgets_cat_into_dog_and_keeps_others(tmp_path):
-    from diffusers import UNet2DConditionModel
-    from tiny_sd import build_tiny_sd
-
-    from sfd_sd.config import TrainConfig
-    from sfd_sd.models import load_sd_parts
-    from sfd_sd.training import train
-
+def test_sfd_forgets_cat_into_dog_and_keeps_others(setup):
     t0 = time.time()
-    pats = patterns()
-    build_tiny_sd(tmp_path / "sd")
-    parts = load_sd_parts(str(tmp_path / "sd"))
-    loss = train_teacher(parts, pats, steps=300)
-    parts.unet.save_pretrained(tmp_path / "sd" / "unet")
-    t_teacher = time.time() - t0
+    before = measure(setup, _teacher_denoiser(setup))
+    for w in WORDS:  # the teacher's own one-step output follows the prompt's word
+        assert before[w]["dist"][:, WORDS.index(w)].max() < 0.05 and before[w]["nearest"][WORDS.index(w)] == 1.0
+    assert (before["cat"]["spread"] < 0.05).all()  # teacher one-step: 0.036, far below the data's 0.3
+    after = measure(setup, run_sfd(setup, forget_weight=1.0))
+    print(f"\nbefore: {summary(before)}\nafter:  {summary(after)}\n({time.time() - t0:.0f}s)")
+    check_keeps(after, "cat", "dog")
+    assert after["cat"]["dist"][:, 1].max() < 0.25 and after["cat"]["nearest"][0] == 0.0
+    for w in ("dog", "bird", "fish"):
+        check_keeps(after, w, w)
 
-    cat_prompts = [t.format("cat") for t in TEMPLATES]
-    keep = {w: [t.format(w) for t in TEMPLATES] for w in ("bird", "fish", "dog")}
-    before = nearest(one_step_latents(parts.unet, parts, cat_prompts), pats)
-    assert (before == 0).float().mean() >= 0.8, f"teacher one-step does not draw cats (loss {loss:.3f})"
 
-    (tmp_path / "remain.txt").write_text("\n".join(p for ps in keep.values() for p in ps) + "\n")
-    (tmp_path / "forget.txt").write_text("\n".join(cat_prompts) + "\n")
-    cfg = TrainConfig(sd_model=str(tmp_path / "sd"), remain_prompts=str(tmp_path / "remain.txt"),
-                      forget_prompts=str(tmp_path / "forget.txt"), concept_to_forget="cat", concept_to_override="dog",
-                      resolution=16, batch=8, lr_fake=1e-3, lr_gen=3e-4, kappa_fake_train=2.0, kappa_fake_eval=2.0,
-                      kappa_teacher=2.0, duration_kimg=1.2, tick_kimg=0.2, snap_kimg=10, state_kimg=10,
-                      grad_checkpointing=False, outdir=str(tmp_path / "runs"), seed=1)
-    run_dir = train(cfg)
-    snap = sorted(run_dir.glob("network-snapshot-*"))[-1]
-    gen = UNet2DConditionModel.from_pretrained(snap)
-    after_cat = nearest(one_step_latents(gen, parts, cat_prompts), pats)
-    frac_dog = float((after_cat == 1).float().mean())
-    kept = {w: float((nearest(one_step_latents(gen, parts, ps), pats) == WORDS.index(w)).float().mean())
-            for w, ps in keep.items()}
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    print(f"teacher {t_teacher:.0f}s loss {loss:.3f}; SFD {log[-1]['images_seen']} images at "
-          f"{log[-1]['images_per_sec']:.1f} img/s; cat->dog {frac_dog:.2f}; kept {kept}; total {time.time() - t0:.0f}s")
-    assert frac_dog >= 0.8, f"cat prompts not moved to the dog pattern: {after_cat.tolist()}"
-    for w, frac in kept.items():
-        assert frac >= 0.8, f"{w} prompts lost their pattern ({frac:.2f})"
+@pytest.mark.slow
+def test_without_forget_terms_cat_prompts_keep_cat(setup):
+    """Control: the same run with both forget weights 0 leaves cat prompts on the cat pattern, so the
+    movement above is caused by the forget terms (not by drift of the shared text map)."""
+    t0 = time.time()
+    after = measure(setup, run_sfd(setup, forget_weight=0.0))
+    print(f"\nno forget terms: {summary(after)}\n({time.time() - t0:.0f}s)")
+    for w in WORDS:
+        check_keeps(after, w, w)
+
+
+def _teacher_denoiser(setup):
+    from sfd_sd.denoiser import GuidedDenoiser
+
+    return GuidedDenoiser(setup["teacher"], setup["schedule"], setup["encoder"])
