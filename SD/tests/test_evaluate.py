@@ -149,6 +149,18 @@ def names_file(tmp_path_factory) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- command line
+
+def test_help_lists_commands_and_options():
+    res = cli("--help")
+    for cmd in ("nudenet", "clip-score", "celebrity", "fid", "i2p-prompts", "table"):
+        assert cmd in res.output
+    assert "--threshold" in cli("nudenet", "--help").output
+    assert "openai/clip-vit-large-patch14" in cli("clip-score", "--help").output
+    assert "--inception-weights" in cli("fid", "--help").output
+    assert "MODULE:FACTORY" in cli("celebrity", "--help").output
+
+
 # ---------------------------------------------------------------- CLIP score
 
 def test_clip_score_matching_beats_mismatching_and_records_settings(tiny_clip_dir, tmp_path):
@@ -200,6 +212,10 @@ def test_prompt_filter_and_bad_input(tiny_clip_dir, tmp_path):
               "--out", tmp_path / "x.json", ok=False)
     assert res.exit_code == 1 and "no images with a prompt" in res.output
     assert not (tmp_path / "x.json").exists()
+    if not torch.cuda.is_available():
+        res = cli("clip-score", "--images", gen, "--clip-model", tiny_clip_dir, "--device", "cuda",
+                  "--out", tmp_path / "x.json", ok=False)
+        assert res.exit_code == 1 and "no CUDA device" in res.output
 
 
 # ---------------------------------------------------------------- celebrity
