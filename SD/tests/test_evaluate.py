@@ -323,6 +323,48 @@ def test_fid_bad_input(tmp_path):
     assert res.exit_code == 1 and "same-prompt, same-seed" in res.output
 
 
+@pytest.fixture(scope="module")
+def standin_inception_weights(tmp_path_factory) -> Path:
+    """Random values under the FID Inception's keys and shapes (the real file is a download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    class Architecture(tfi.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):   # keep the random init
+            return None
+
+    original = tfi.load_state_dict_from_url
+    tfi.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        net = Architecture("inception-v3-compat", ["2048"])
+    finally:
+        tfi.load_state_dict_from_url = original
+    for m in net.modules():   # variance-preserving init, so features do not vanish through ~20 layers
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "standin-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_fid_inception_from_local_weights_file(standin_inception_weights, tmp_path):
+    a = write_generated(tmp_path / "a", {"x": [RED, BLUE, GREEN, YELLOW]})
+    b = write_generated(tmp_path / "b", {"x": [MAGENTA, (20, 20, 20), (240, 240, 240), (120, 60, 0)]})
+    cli("fid", "--images", b, "--original-images", a, "--reference-images", b, "--device", "cpu",
+        "--inception-weights", standin_inception_weights, "--out", tmp_path / "f.json")
+    rec = load(tmp_path / "f.json")
+    st, t = rec["settings"], rec["totals"]
+    assert st["features"].startswith("inception-v3 pool3") and st["resolution"] == 299
+    assert st["inception_weights_sha256"] == __import__("hashlib").sha256(
+        standin_inception_weights.read_bytes()).hexdigest()
+    assert abs(t["fid_vs_reference"]) < 1e-3 * t["fid_vs_original"] and t["fid_vs_original"] > 1e-3
+    # a file that is not the Inception state dict is refused before torch-fidelity unpickles it
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
+    res = cli("fid", "--images", a, "--original-images", a, "--inception-weights", tmp_path / "wrong.pth",
+              "--out", tmp_path / "w.json", ok=False)
+    assert res.exit_code == 1 and "does not hold the FID Inception-v3 weights" in res.output
+
+
 def test_clean_resize_is_antialiased():
     from sfd_sd.evaluation.fid import clean_resize
 

@@ -41,6 +41,20 @@ def clean_resize(path: Path, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+def check_inception_weights(path: str | Path) -> None:
+    """Read the file as plain tensors first: torch-fidelity then unpickles it without restriction, and a
+    pickle can run code. Also catches a wrong file with a clear message."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a plain state dict
+        raise EvaluationError(f"--inception-weights {str(path)!r} is not a plain PyTorch state dict ({exc}); "
+                              f"expected {INCEPTION_URL}") from exc
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if fc is None or tuple(fc.shape) != (1008, 2048):
+        raise EvaluationError(f"--inception-weights {str(path)!r} does not hold the FID Inception-v3 weights "
+                              f"(no fc.weight of shape 1008 x 2048); expected {INCEPTION_URL}")
+
+
 def build_features(spec: str, weights_path: str | None, device: torch.device) -> tuple[object, int, dict]:
     """-> (feature argument for FrechetInceptionDistance, input size, settings)."""
     if spec == INCEPTION:
@@ -48,6 +62,7 @@ def build_features(spec: str, weights_path: str | None, device: torch.device) ->
             if not Path(weights_path).is_file():
                 raise EvaluationError(f"--inception-weights {weights_path!r} not found; download {INCEPTION_URL} "
                                       "to that path (the TF-ported FID Inception weights)")
+            check_inception_weights(weights_path)
             ident = dict(inception_weights=str(weights_path), inception_weights_sha256=file_sha256(weights_path))
         else:
             ident = dict(inception_weights=f"torch-fidelity download/cache of {INCEPTION_URL}")
@@ -73,7 +88,7 @@ class FidComputer:
                 feature=feature, reset_real_features=True, normalize=False,
                 input_img_size=(3, self.size, self.size),
                 feature_extractor_weights_path=None if spec != INCEPTION else weights_path).to(device)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - download and load failures come in many types
             raise EvaluationError(f"could not build the FID feature network ({exc}); offline, download "
                                   f"{INCEPTION_URL} and pass --inception-weights PATH") from exc
         self.device, self.batch = device, batch
