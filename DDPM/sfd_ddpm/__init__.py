@@ -9,5 +9,8 @@ Modules, one idea each:
   checkpoints  - safetensors weights with their config, training states, atomic writes
   distributed  - one process or torchrun (NCCL on CUDA, gloo on CPU)
   training     - the generic loop: run directory, logging, snapshots, resume
+  losses       - the fake-score DSM loss and the SiD generator loss
   methods/     - pretraining, SFD/SiD (and later baselines), each a small class
+  classifiers  - dataset classifiers (ResNet-34, a small CNN for the built-in dataset)
+  metrics/     - unlearning accuracy, FID/IS/precision/recall/KID, PUL
 """

@@ -108,7 +108,8 @@ def load_dataset(name: str, root: str = "./data", image_size: int | None = None,
         return _Concat(parts)
     except RuntimeError as err:
         raise FileNotFoundError(f"{name} not found under {root!r} and could not be downloaded ({err}); "
-                                f"download it there or pass data.root=...") from None
+                                f"download it there or point the data root at it (data.root=... in train.py, "
+                                f"--root in the other scripts)") from None
 
 
 class _Concat(Dataset):
