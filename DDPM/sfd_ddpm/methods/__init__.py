@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+# Baselines of SPEC section 5: method name -> (module, class).
+BASELINES = {"retrain": ("retrain", "Retrain"), "sa": ("sa", "SelectiveAmnesia"), "salun": ("salun", "SalUn"),
+             "esd": ("esd", "ESD")}
+
+
 def get_method(name: str):
     if name == "pretrain":
         from .pretrain import Pretrain
@@ -10,7 +15,14 @@ def get_method(name: str):
     if name in ("sfd", "sid"):
         from .sfd import SFD
         return SFD
-    raise ValueError(f"unknown method {name!r}; choose pretrain, sid or sfd")
+    if name == "vdu":
+        from .vdu import VDU
+        return VDU
+    if name in BASELINES:
+        import importlib
+        module, cls = BASELINES[name]
+        return getattr(importlib.import_module(f".{module}", __name__), cls)
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS + tuple(BASELINES))}")
 
 
-METHODS = ("pretrain", "sid", "sfd")
+METHODS = ("pretrain", "sid", "sfd", "vdu")

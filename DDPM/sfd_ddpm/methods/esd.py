@@ -1,0 +1,66 @@
+"""ESD (Gandikota et al. 2023; SPEC section 5) for a class-conditional DDPM, with the authors' bugs fixed.
+
+    L = || eps_theta(x_t, t, c_f) - [eps_0(x_t, t, null) - eta (eps_0(x_t, t, c_f) - eps_0(x_t, t, null))] ||^2
+
+eps_0 is a frozen copy of the pretrained model. x_t comes from *partially sampling* the forget class
+with the frozen model: DDIM (eta 0) on the grid 0, k, 2k, ... (k = T // esd_steps), started from noise
+and stopped at a grid timestep t drawn uniformly (one per batch), and the loss is taken at that same t.
+The authors evaluated a nearly clean sample at an unrelated timestep, stepped the optimizer before the
+backward pass and never zeroed the gradients; here it is zero_grad -> backward -> clip -> step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..diffusion import Denoiser
+from ..distributed import Dist
+from ..samplers import _predict_x0
+from .finetune import FineTune
+
+
+def esd_target(eps_null: torch.Tensor, eps_forget: torch.Tensor, eta: float) -> torch.Tensor:
+    """eps_0(null) - eta (eps_0(c_f) - eps_0(null)): negative guidance away from the forget class."""
+    return eps_null - eta * (eps_forget - eps_null)
+
+
+@torch.no_grad()
+def partial_ddim(denoiser: Denoiser, labels: torch.Tensor, x: torch.Tensor, steps: int, stop: int,
+                 guidance: float = 0.0) -> tuple[torch.Tensor, int]:
+    """DDIM (eta 0) from noise ``x`` at the top grid timestep down to grid index ``stop``: (x_t, t)."""
+    sched = denoiser.schedule
+    T = sched.num_timesteps
+    seq = list(range(0, T, T // steps))
+    if not 0 <= stop < len(seq):
+        raise ValueError(f"stop index {stop} outside the DDIM grid of {len(seq)} timesteps")
+    for i in range(len(seq) - 1, stop, -1):
+        abar, abar_prev = sched.abar[seq[i]].item(), sched.abar[seq[i - 1]].item()
+        x0, eps = _predict_x0(denoiser, x, seq[i], labels, guidance, abar, False)
+        x = abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+    return x, seq[stop]
+
+
+class ESD(FineTune):
+    def __init__(self, cfg: dict, dist: Dist):
+        super().__init__(cfg, dist)
+        steps = cfg["baseline"]["esd_steps"]
+        if not 1 <= steps <= self.schedule.num_timesteps:
+            raise ValueError(f"baseline.esd_steps must be in [1, {self.schedule.num_timesteps}], got {steps}")
+
+    def losses(self) -> dict:
+        b, n, dev = self.cfg["baseline"], self.n, self.dist.device
+        c_f = self.random_labels(self.forget, n)
+        stop = int(torch.randint(b["esd_steps"], ()).item())
+        x_t, t = partial_ddim(self.frozen, c_f, torch.randn(n, *self.shape, device=dev), b["esd_steps"], stop,
+                              b["esd_guidance"])
+        t = torch.full((n,), t, device=dev, dtype=torch.long)
+        with torch.no_grad():
+            null = torch.full_like(c_f, self.frozen.null_label)
+            e_null, e_forget = self.frozen.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, c_f])).chunk(2)
+            target = esd_target(e_null, e_forget, b["esd_eta"])
+        out = self.denoiser.eps(x_t, t, c_f)
+        return {"esd": (out - target).square().flatten(1).sum(1).mean()}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        loss = self.losses()["esd"]
+        self.update(loss, step)
+        return {"loss": self.dist.mean(loss.detach()).item()}
