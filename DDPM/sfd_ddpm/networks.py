@@ -21,8 +21,11 @@ class ClassConditionalUNet(nn.Module):
 
     def __init__(self, image_size: int, channels: int, n_classes: int, base_channels: int,
                  channel_mult: list[int], layers_per_block: int, attn_resolutions: list[int],
-                 dropout: float, output: str = "eps", schedule=None):
+                 dropout: float, output: str = "eps", schedule=None, conditional: bool = True):
         super().__init__()
+        # Unconditional DDPM (VDU's setting): the same network with every label replaced by the null
+        # class, i.e. trained as with label dropout 1.0. Samplers and losses keep passing labels.
+        self.conditional = conditional
         if output not in ("eps", "v"):
             raise ValueError(f"model.output must be eps or v, got {output!r}")
         self.output = output
@@ -55,6 +58,8 @@ class ClassConditionalUNet(nn.Module):
         if label.min() < 0 or label.max() > self.n_classes:
             raise ValueError(f"labels must lie in [0, {self.n_classes}] ({self.n_classes} = null class), "
                              f"got range [{int(label.min())}, {int(label.max())}]")
+        if not self.conditional:
+            label = torch.full_like(label, self.n_classes)
         out = self.unet(x, t, class_labels=label).sample
         if self.output == "v":
             # The UNet predicts v = a_t eps - b_t x0; eps = b_t x_t + a_t v. Near t = T this makes eps
@@ -73,6 +78,7 @@ def build_network(cfg: dict) -> ClassConditionalUNet:
         base_channels=m["base_channels"], channel_mult=list(m["channel_mult"]),
         layers_per_block=m["layers_per_block"], attn_resolutions=list(m["attn_resolutions"]),
         dropout=m["dropout"], output=m["output"], schedule=VPSchedule(**cfg["diffusion"]) if m["output"] == "v" else None,
+        conditional=m.get("conditional", True),  # configs saved before the key existed are conditional
     )
 
 
