@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup clean help
+.PHONY: demo compare test test-fast setup clean help
 
 help:
 	@echo "make demo   - pretrain, forget, sample, evaluate and report on the built-in dataset (runs/demo)"
+	@echo "make compare - SFD, Retrain, SA, SalUn, ESD (and VDU) at an equal budget on the built-in dataset (runs/compare)"
 	@echo "make test   - run the test suites of DDPM/ and SD/ (EVAL_EXTRA=1: with the NudeNet extra)"
 	@echo "make setup  - only create $(VENV) and install requirements.txt"
 
@@ -22,6 +23,10 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	cd DDPM && ../$(PY) demo.py --outdir ../runs/demo
+
+# Every unlearning method on the built-in dataset, one table (reuses runs/demo's teacher and classifier).
+compare: $(STAMP)
+	cd DDPM && ../$(PY) compare.py --outdir ../runs/compare
 
 # EVAL_EXTRA=1 also installs SD/requirements-eval.txt (NudeNet: its wheel carries an AGPL licence file,
 # so it is an opt-in extra) and runs the tests that use the real detector; without it they are skipped.

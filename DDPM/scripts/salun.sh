@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Row "SalUn": saliency mask (top 50%) + random-label unlearning (configs/${DATASET}_salun.yaml:
-# 1000 iterations, lr 1e-4), sampled with guidance $GUIDANCE (SPEC 7: w = 2, FID 11.25).
+# 500 iterations, lr 1e-4), sampled with guidance $GUIDANCE (SPEC 7: w = 2, FID 11.25).
 # Real scale: NUM_GPUS=1 TEACHER=... bash scripts/salun.sh. Variables: see scripts/common.sh.
 source "$(dirname "$0")/common.sh"
 ensure_teacher
