@@ -150,3 +150,26 @@ def test_vdu_run_and_exact_resume(tiny_teacher, tmp_path):
     assert meta["kind"] == "ddpm" and cfg["method"] == "vdu"
     bad = run_script("train.py", "--outdir", tmp_path / "c", *args, "vdu.precision=bogus", check=False)
     assert bad.returncode != 0 and "vdu.precision" in bad.stderr
+
+
+def test_vdu_and_unconditional_configs_load():
+    for name in ("mnist_vdu", "cifar10_vdu", "builtin_vdu"):
+        assert C.load_config(f"configs/{name}.yaml")["method"] == "vdu"
+    for name, size, channels in (("mnist_uncond_train", 28, 1), ("cifar10_uncond_train", 32, 3)):
+        cfg = C.load_config(f"configs/{name}.yaml")
+        assert cfg["model"]["conditional"] is False
+        assert (cfg["data"]["image_size"], cfg["data"]["channels"]) == (size, channels)
+
+
+def test_unconditional_pretraining_then_vdu(tmp_path):
+    """model.conditional=false through train.py, then VDU on the unconditional checkpoint."""
+    run_script("train.py", "--config", "configs/builtin_train.yaml", "--outdir", tmp_path / "p", *TINY,
+               "model.conditional=false", "training.n_iters=2")
+    (pre,) = (tmp_path / "p").iterdir()
+    ckpt = pre / "network-0000002.safetensors"
+    run_script("train.py", "--config", "configs/builtin_vdu.yaml", "--outdir", tmp_path / "v", *TINY,
+               f"vdu.init={ckpt}", "vdu.forget_subset=8", "vdu.fisher_samples=2", "vdu.fisher_timesteps=2",
+               "vdu.fisher_steps=2", "vdu.target_draws=1", "training.n_iters=2")
+    (run,) = (tmp_path / "v").iterdir()
+    net, cfg, _ = load_network(run / "network-0000002.safetensors")
+    assert cfg["model"]["conditional"] is False and net.conditional is False
