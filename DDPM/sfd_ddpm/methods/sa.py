@@ -77,8 +77,11 @@ class SelectiveAmnesia(FineTune):
         c_f = self.random_labels(self.forget, n)
         idx = torch.randint(len(self.replay_y), (n,), device=dev)
         x_r, c_r = self.replay_x[idx], self.replay_y[idx]
-        l_f = eps_loss(self.denoiser, x_f, c_f, self.schedule.sample_t(n, 0, T, dev), torch.randn_like(x_f)).mean()
-        l_r = eps_loss(self.denoiser, x_r, c_r, self.schedule.sample_t(n, 0, T, dev), torch.randn_like(x_r)).mean()
+        # one pass over both batches (one DDP forward per backward)
+        x = torch.cat([x_f, x_r])
+        per_sample = eps_loss(self.denoiser, x, torch.cat([c_f, c_r]), self.schedule.sample_t(2 * n, 0, T, dev),
+                              torch.randn_like(x))
+        l_f, l_r = per_sample[:n].mean(), per_sample[n:].mean()
         return {"forget": l_f, "replay": l_r, "fisher": fisher_penalty(unwrap(self.net), self.original, self.fisher)}
 
     def train_step(self, step: int) -> dict[str, float]:
