@@ -145,6 +145,10 @@ SCHEMA: dict = {
         "target_ratio": K(3.0, "hinge of the plasticity inducer: target = target_ratio * the pretrained "
                                "model's L_simple on D_f (measured at the start); past it the term is "
                                "constant and has zero gradient"),
+        "hinge": K("sample", "where the hinge acts: batch (the batch-mean L_simple against target_ratio x the "
+                            "pretrained L_simple on D_f measured at the start) or sample (each sample's loss against "
+                            "target_ratio x the pretrained model's loss on the same image, t and noise; one extra "
+                            "forward pass of the frozen pretrained model per step)"),
         "target_draws": K(8, "noise/timestep draws per D_f image for measuring the pretrained loss"),
         "gamma": K(1.0, "weight of the stability regulariser gamma/2 * sum_i Lambda_i (theta_i - mu_i)^2"),
         "precision": K("fisher", "Lambda from: fisher (diagonal Fisher of the eps-loss on samples generated "

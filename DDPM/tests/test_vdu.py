@@ -41,6 +41,13 @@ def test_plasticity_is_bounded_by_the_hinge():
         term.backward()
         assert term.item() == pytest.approx(-lambda_p * target)  # bounded value
         assert above.grad.item() == 0.0  # no gradient past the bound
+    # per-sample hinge (vdu.hinge=sample): only the samples below their own target get a gradient
+    losses = torch.tensor([1.0, 9.0, 4.0, 30.0], requires_grad=True)
+    targets = torch.tensor([2.0, 3.0, 5.0, 10.0])
+    term = plasticity_term(losses, targets, lambda_p)
+    term.backward()
+    assert term.item() == pytest.approx(-lambda_p * (1.0 + 3.0 + 4.0 + 10.0) / 4)
+    assert losses.grad.tolist() == pytest.approx([-lambda_p / 4, 0.0, -lambda_p / 4, 0.0])
 
 
 def test_checkpoint_precision_is_inverse_variance():
@@ -94,16 +101,17 @@ def test_no_plasticity_gradient_past_the_bound_in_a_real_step():
     cfg = _tiny_cfg(gamma=0.0, fisher_samples=2, fisher_timesteps=2, fisher_steps=2)
     cfg["training"]["grad_clip"] = 0.0
     base = build_network(cfg)
-    for ratio, should_move in ((1e-6, False), (100.0, True)):
+    for hinge, ratio, should_move in (("batch", 1e-6, False), ("batch", 100.0, True), ("sample", 1e-6, False),
+                                      ("sample", 100.0, True)):
         net = build_network(cfg)
         net.load_state_dict(base.state_dict())
-        cfg["vdu"]["target_ratio"] = ratio
+        cfg["vdu"].update(target_ratio=ratio, hinge=hinge)
         vdu = VDU(cfg, Dist(), pretrained=net, forget_data=_forget_data())
         vdu.start(0)
         before = {n: p.detach().clone() for n, p in net.named_parameters()}
         vdu.train_step(0)
         moved = any(not torch.equal(before[n], p) for n, p in net.named_parameters())
-        assert moved == should_move, ratio
+        assert moved == should_move, (hinge, ratio)
 
 
 def test_unconditional_network_ignores_labels():
@@ -121,7 +129,8 @@ def test_unconditional_network_ignores_labels():
 
 def test_bad_vdu_settings_fail_clearly():
     for bad, match in (({"precision": "bogus"}, "vdu.precision"), ({"precision": "checkpoints"}, "at least 2"),
-                       ({"forget": [12]}, "out of range"), ({"normalise": "max"}, "vdu.normalise")):
+                       ({"forget": [12]}, "out of range"), ({"normalise": "max"}, "vdu.normalise"),
+                       ({"hinge": "x"}, "vdu.hinge")):
         with pytest.raises(ValueError, match=match):
             VDU(_tiny_cfg(**bad), Dist(), pretrained=build_network(_tiny_cfg()), forget_data=_forget_data())
     with pytest.raises(ValueError, match="forget_subset"):
