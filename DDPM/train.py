@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a class-conditional DDPM, or distil/forget it with SiD / SFD.
+"""Train a class-conditional DDPM, or distil/forget it with SiD / SFD (or a baseline: retrain, SA, SalUn, ESD, VDU).
 
 Examples (from inside DDPM/):
   python train.py --config configs/builtin_train.yaml
@@ -34,7 +34,8 @@ from sfd_ddpm import config as C  # noqa: E402
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and meaning, then exit.")
 def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys):
-    """Train with the method named by the config's `method` key (pretrain, sid or sfd).
+    """Train with the method named by the config's `method` key: pretrain, sid, sfd, or a baseline
+    (retrain, sa, salun, esd, vdu).
 
     KEY=VALUE pairs override config keys (values are YAML: numbers, true/false, lists [0,1], null),
     e.g. `training.n_iters=1000 sfd.forget=[0,3]`. Unknown keys are errors.
