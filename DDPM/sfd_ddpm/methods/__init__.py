@@ -2,27 +2,25 @@
 ``sample_grids``; :func:`sfd_ddpm.training.train` runs any of them."""
 from __future__ import annotations
 
+import importlib
 
-# Baselines of SPEC section 5: method name -> (module, class).
-BASELINES = {"retrain": ("retrain", "Retrain"), "sa": ("sa", "SelectiveAmnesia"), "salun": ("salun", "SalUn"),
-             "esd": ("esd", "ESD")}
+# method name -> (module, class); modules are imported on demand so `--help` stays fast.
+REGISTRY = {
+    "pretrain": ("pretrain", "Pretrain"),
+    "sid": ("sfd", "SFD"),            # SiD distillation: SFD with nothing forgotten
+    "sfd": ("sfd", "SFD"),
+    "vdu": ("vdu", "VDU"),
+    # baselines of SPEC section 5
+    "retrain": ("retrain", "Retrain"),
+    "sa": ("sa", "SelectiveAmnesia"),
+    "salun": ("salun", "SalUn"),
+    "esd": ("esd", "ESD"),
+}
+METHODS = tuple(REGISTRY)
 
 
 def get_method(name: str):
-    if name == "pretrain":
-        from .pretrain import Pretrain
-        return Pretrain
-    if name in ("sfd", "sid"):
-        from .sfd import SFD
-        return SFD
-    if name == "vdu":
-        from .vdu import VDU
-        return VDU
-    if name in BASELINES:
-        import importlib
-        module, cls = BASELINES[name]
-        return getattr(importlib.import_module(f".{module}", __name__), cls)
-    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS + tuple(BASELINES))}")
-
-
-METHODS = ("pretrain", "sid", "sfd", "vdu")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    module, cls = REGISTRY[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
