@@ -48,8 +48,8 @@ from ..distributed import Dist
 from ..fisher import diagonal_fisher
 from ..networks import build_network
 from ..samplers import image_seed, sample
-from .common import ema_decay, ema_update, frozen_copy, grid_labels, unwrap, wrap
-from .pretrain import schedule_of
+from .common import ema_decay, ema_update, frozen_copy, unwrap, wrap
+from .pretrain import Pretrain, schedule_of
 
 PRECISIONS = ("fisher", "checkpoints")
 NORMALISATIONS = ("mean", "none")
@@ -289,12 +289,4 @@ class VDU:
         self.precision = {n: p.to(self.dist.device) for n, p in sd["precision"].items()}
         self.target = float(sd["target"])
 
-    @torch.no_grad()
-    def sample_grids(self) -> dict:
-        g, d = self.cfg["grid"], self.cfg["data"]
-        labels, idx = grid_labels(d["n_classes"], g["per_class"], self.dist.device)
-        seeds = [image_seed(self.cfg["seed"], int(c), i) for c, i in zip(labels, idx)]
-        x = sample(Denoiser(self.ema, self.schedule, self.ema.null_label), g["sampler"], labels, seeds,
-                   (d["channels"], d["image_size"], d["image_size"]), steps=g["steps"], eta=g["eta"],
-                   guidance=g["guidance"], clip_x0=g["clip_x0"])
-        return {"grid": (x, g["per_class"])}
+    sample_grids = Pretrain.sample_grids  # the same EMA grid as pretraining
