@@ -62,6 +62,11 @@ class TermPrompts:
     teacher_guidance: float = 1.0
 
 
+def _drop(prompts, dropped):
+    """Prompts with the dropped ones (classifier-free-guidance dropout) replaced by ""."""
+    return None if prompts is None else ["" if d else p for p, d in zip(prompts, dropped)]
+
+
 def _maybe(neg, flag):
     return list(neg) if (flag and neg is not None) else None
 
@@ -79,9 +84,9 @@ def route(term: str, batch: RemainBatch | ForgetBatch, g: GuidanceSettings,
             raise ValueError(f"{term} needs a forget batch")
         cond = list(batch.prompts)
         if is_fake:
-            cond = ["" if d else p for p, d in zip(cond, dropped)]
-            neg = None if batch.negative is None else ["" if d else n for n, d in zip(batch.negative, dropped)]
-            return TermPrompts(generator=cond, fake=cond, fake_negative=_maybe(neg, g.neg_fake_train),
+            cond = _drop(cond, dropped)
+            return TermPrompts(generator=cond, fake=cond, fake_negative=_maybe(_drop(batch.negative, dropped),
+                                                                               g.neg_fake_train),
                                fake_guidance=g.kappa_fake_train)
         return TermPrompts(generator=cond, fake=cond, fake_negative=_maybe(batch.negative, g.neg_fake_eval),
                            fake_guidance=g.kappa_fake_eval, teacher=cond,
@@ -91,10 +96,8 @@ def route(term: str, batch: RemainBatch | ForgetBatch, g: GuidanceSettings,
     forget, override = list(batch.forget), list(batch.override)
     fake_cond = override if g.sg_w_override else forget
     if is_fake:
-        gen = ["" if d else p for p, d in zip(forget, dropped)]
-        fake = ["" if d else p for p, d in zip(fake_cond, dropped)]
-        neg = None if batch.negative is None else ["" if d else n for n, d in zip(batch.negative, dropped)]
-        return TermPrompts(generator=gen, fake=fake, fake_negative=_maybe(neg, g.neg_fake_train),
+        return TermPrompts(generator=_drop(forget, dropped), fake=_drop(fake_cond, dropped),
+                           fake_negative=_maybe(_drop(batch.negative, dropped), g.neg_fake_train),
                            fake_guidance=g.kappa_fake_train)
     return TermPrompts(generator=forget, fake=fake_cond, fake_negative=_maybe(batch.negative, g.neg_fake_eval),
                        fake_guidance=g.kappa_fake_eval, teacher=override,
