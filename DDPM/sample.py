@@ -6,8 +6,10 @@ Examples (from inside DDPM/):
   python sample.py --ckpt runs/00001-builtin_sfd --out samples/sfd --classes all --per-class 100 --sampler one_step
   torchrun --nproc_per_node 8 sample.py --ckpt CKPT --out fid/ --classes 1-9 --per-class 5000 --sampler ddpm
 
-Image (class c, index i) depends only on --seed, c and i: not on the batch size or process count.
-Existing files are kept, so an interrupted run can simply be started again.
+Image (class c, index i) has its own noise stream, seeded from --seed, c and i: its noise draws are
+bit-identical whatever the batch size or process count, and its pixels agree within one 8-bit level
+(float kernels round differently for different batch shapes). Existing files are kept, so an
+interrupted run can simply be started again.
 """
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def plan(class_list, per_class: int, done, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """The (class, index) pairs this rank generates: every missing image once, dealt round-robin."""
+    todo = [(c, i) for c in class_list for i in range(per_class) if (c, i) not in done]
+    return todo[rank::world_size]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -63,8 +71,9 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
     if sampler != "one_step" and meta["kind"] == "sfd":
         raise click.ClickException(f"{path} is a one-step generator; use --sampler one_step")
     out = Path(out)
-    todo = [(c, i) for c in class_list for i in range(per_class) if not (out / image_name(c, i)).exists()]
-    mine = todo[dist.rank::dist.world_size]
+    done = {(c, i) for c in class_list for i in range(per_class) if (out / image_name(c, i)).exists()}
+    n_todo = len(class_list) * per_class - len(done)
+    mine = plan(class_list, per_class, done, dist.rank, dist.world_size)
     d = cfg["data"]
     shape = (d["channels"], d["image_size"], d["image_size"])
     denoiser = denoiser_for(net, cfg)
@@ -85,10 +94,10 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
                     "sampler": sampler, "steps": steps if sampler == "ddim" else None, "eta": eta if sampler == "ddim" else None,
                     "guidance": guidance, "clip_x0": clip_x0 if sampler != "one_step" else None, "t_init": t_init if sampler == "one_step" else None, "seed": seed,
                     "nfe_per_image": nfe(sampler, steps, guidance, cfg["diffusion"]["num_timesteps"]),
-                    "generated_now": len(todo), "seconds_rank0": seconds,
+                    "generated_now": n_todo, "seconds_rank0": seconds,
                     "images_per_s_rank0": len(mine) / seconds if mine and seconds > 0 else None}
         (out / "settings.json").write_text(json.dumps(settings, indent=2))
-        click.echo(f"wrote {len(todo)} images to {out} ({len(class_list) * per_class - len(todo)} already there)")
+        click.echo(f"wrote {n_todo} images to {out} ({len(done)} already there)")
     distributed.shutdown()
 
 
