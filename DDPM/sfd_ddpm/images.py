@@ -25,7 +25,20 @@ def image_name(label: int, index: int) -> str:
     return f"{label:03d}_{index:05d}.png"
 
 
+class NonFiniteImages(ValueError):
+    """Generated images holding NaN or infinity (a broken model); never written as black PNGs."""
+
+
+def check_finite_images(x: torch.Tensor, labels, indices) -> None:
+    bad = (~torch.isfinite(x.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        first = image_name(int(labels[bad[0]]), int(indices[bad[0]]))
+        raise NonFiniteImages(f"{len(bad)} of {len(x)} generated images hold NaN or inf values (e.g. {first}); "
+                              f"nothing was written for them: the model is broken (check its checkpoint)")
+
+
 def save_images(x: torch.Tensor, labels, indices, out: Path) -> None:
+    check_finite_images(x, labels, indices)
     out.mkdir(parents=True, exist_ok=True)
     for img, c, i in zip(to_uint8(x), labels, indices):
         Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(out / image_name(int(c), int(i)))
