@@ -59,9 +59,14 @@ def list_images(folder, exclude: set[int] = frozenset(), include: set[int] | Non
     return out
 
 
-def load_image(path) -> torch.Tensor:
-    """A PNG as a (C, H, W) tensor in [-1, 1]."""
-    a = np.asarray(Image.open(path))
+def load_image(path, channels: int | None = None) -> torch.Tensor:
+    """A PNG as a (C, H, W) tensor in [-1, 1]. ``channels`` 3 converts grey, palette and RGBA files to RGB
+    (alpha dropped), 1 converts to grey; None keeps grey and RGB and turns any other mode into RGB."""
+    img = Image.open(path)
+    mode = {1: "L", 3: "RGB"}.get(channels) or (img.mode if img.mode in ("L", "RGB") else "RGB")
+    if img.mode != mode:
+        img = img.convert(mode)
+    a = np.asarray(img)
     if a.ndim == 2:
         a = a[..., None]
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1

@@ -153,3 +153,88 @@ def test_classifier_given_as_ckpt_is_named(tmp_path):
     proc = sample(path, tmp_path / "out")
     assert proc.returncode == 1 and "is a classifier" in proc.stderr and "--classifier" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- clean errors before any work, and a clean start after a kill ---------------------------------------
+@pytest.mark.parametrize("override,message", [
+    ("training.batch_size=0", "training.batch_size must be at least 1, got 0"),
+    ("training.batch_size=8.5", "training.batch_size must be a whole number, got 8.5"),
+    ("training.n_iters=-5", "training.n_iters must be at least 1, got -5"),
+])
+def test_bad_counts_are_config_errors(tmp_path, override, message):
+    out = tmp_path / "runs"
+    proc = run_script("train.py", "--config", "configs/builtin_train.yaml", "--outdir", out, override, check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_a_run_folder_appears_only_once_inputs_are_valid(tmp_path):
+    out = tmp_path / "runs"
+    proc = run_script("train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", out,
+                      f"sfd.init={tmp_path / 'missing.safetensors'}", check=False)
+    assert proc.returncode == 1 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    proc = run_script("train.py", "--config", "configs/builtin_train.yaml", "--outdir", blocker / "runs", check=False)
+    assert proc.returncode == 1 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_resume_cleans_up_after_a_kill_and_refuses_a_second_writer(tmp_path, tiny_teacher):
+    import subprocess
+    import sys
+
+    from conftest import TINY
+    out = tmp_path / "runs"
+    run_script("train.py", "--config", "configs/builtin_train.yaml", "--outdir", out, *TINY, "training.n_iters=2",
+               "training.snapshot_every=100")
+    (run,) = out.iterdir()
+    assert not (run / "run.lock").exists()  # released at the end
+    # what a kill after the state of iteration 2 leaves: logged iterations 3-4, half a line, a temporary file
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
+    (run / ".training-state.pt.k1ll3d.tmp").write_bytes(b"half a state")
+    # a live process holds the lock: a second writer is refused and changes nothing
+    (run / "run.lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": __import__("os").getpid()}))
+    before = files(run)
+    proc = run_script("train.py", "--resume", run, "training.n_iters=4", check=False)
+    assert proc.returncode == 1 and "is being written by another process" in proc.stderr
+    assert "Traceback" not in proc.stderr and files(run) == before
+    # the holder died (a stale lock): the resume takes over, removes the temporary, truncates the log
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "run.lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid}))
+    run_script("train.py", "--resume", run, "training.n_iters=4")
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp")) and not (run / "run.lock").exists()
+    assert torch.load(run / "training-state.pt", weights_only=True)["step"] == 4
+
+
+def test_evaluation_converts_grey_and_rgba_images_to_what_the_classifier_takes(tmp_path):
+    from PIL import Image
+
+    from sfd_ddpm.classifiers import build_classifier
+    from sfd_ddpm.metrics.ua import classify_folder
+
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", 10, 3, width=8).eval()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    rgb, mixed = tmp_path / "rgb", tmp_path / "mixed"
+    save_images(x, [0, 0, 1, 1], [0, 1, 0, 1], rgb)
+    save_images(x, [0, 0, 1, 1], [0, 1, 0, 1], mixed)
+    Image.open(mixed / "000_00001.png").convert("L").save(mixed / "000_00001.png")
+    Image.open(mixed / "001_00000.png").convert("RGBA").save(mixed / "001_00000.png")
+    Image.open(rgb / "000_00001.png").convert("L").convert("RGB").save(rgb / "000_00001.png")  # what grey means in RGB
+    a, la, _ = classify_folder(model, rgb)
+    b, lb, _ = classify_folder(model, mixed)
+    assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-6)
+    # through evaluate.py with a classifier file
+    from sfd_ddpm.classifiers import save_classifier
+    path = tmp_path / "clf.safetensors"
+    save_classifier(path, model, architecture="small_cnn", dataset="builtin", image_size=16, test_accuracy=None,
+                    training={})
+    proc = run_script("evaluate.py", "ua", "--images", mixed, "--classifier", path, "--forget", "0",
+                      "--out", tmp_path / "ua.json", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "ua.json").read_text())["results"]["n_forget_images"] == 2

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .folders import iter_batches, iter_tensor_batches, list_pngs, quantise
+from .folders import iter_batches, iter_tensor_batches, list_pngs, model_channels, quantise
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def classify_folder(model, folder, batch_size: int = 256, device=None, exclude=(
     device = device or _device_of(model)
     entries = list_pngs(folder, exclude, include, require_class_names=require_class_names)
     logits, labels = [], []
-    for x, y in iter_batches(entries, batch_size):
+    for x, y in iter_batches(entries, batch_size, model_channels(model)):
         logits.append(_finite(model(x.to(device)).float().cpu()))
         labels.append(y)
     if not entries:
