@@ -108,7 +108,7 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
 @click.option("--seed", type=int, default=0, help="Base seed of the per-image noise streams.")
 @click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
 @click.option("--no-ema", is_flag=True, help="Sample from the raw weights instead of the EMA.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto = CUDA when available.")
 @click.option("--overwrite", is_flag=True,
               help="Delete the images and settings.json already in --out first (needed when they were made "
                    "by another checkpoint or with other settings).")

@@ -16,9 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--dataset", required=True, type=click.Choice(["builtin", "cifar10", "stl10", "mnist"]))
-@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR")
-@click.option("--split", type=click.Choice(["train", "test"]), default="train")
+@click.option("--dataset", required=True, type=click.Choice(["builtin", "cifar10", "stl10", "mnist"]),
+              help="Which dataset's real images to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Folder for the PNGs, named CCC_IIIII.png by class and index.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", help="Training or test images.")
 @click.option("--exclude-class", type=int, multiple=True, help="Leave out this class (repeatable).")
 @click.option("--per-class", type=click.IntRange(min=1), default=None, help="At most N images per class [default: all].")
 @click.option("--root", default="./data", help="torchvision dataset folder.")

@@ -71,7 +71,7 @@ def ddim(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, steps: i
     T = sched.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"DDIM steps must be in [1, {T}], got {steps}")
-    seq = list(range(0, T, T // steps))
+    seq = ddim_timesteps(T, steps)
     x = noise.randn()
     for i in _steps(range(len(seq) - 1, -1, -1), progress):
         t = seq[i]
@@ -108,9 +108,18 @@ def sample(denoiser: Denoiser, sampler: str, labels: torch.Tensor, seeds: list[i
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """The uniform sub-sequence 0, k, 2k, ... < T with k = T // steps (the authors' 'uniform' skip). When
+    ``steps`` does not divide T it has more than ``steps`` entries (T = 1000, steps = 3: 0, 333, 666, 999)."""
+    return list(range(0, T, T // steps))
+
+
 def nfe(sampler: str, steps: int, guidance: float, num_timesteps: int = 1000) -> int:
-    """Network evaluations per image (a guided step costs two)."""
-    n = {"ddpm": num_timesteps, "ddim": steps, "one_step": 1}[sampler]
+    """Network evaluations per image (a guided step costs two); DDIM evaluates once per grid timestep."""
+    if sampler == "ddim":
+        n = len(ddim_timesteps(num_timesteps, steps))
+    else:
+        n = {"ddpm": num_timesteps, "one_step": 1}[sampler]
     return n * (2 if guidance else 1)
 
 

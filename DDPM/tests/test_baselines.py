@@ -196,9 +196,52 @@ def test_run_salun(tmp_path, tiny_teacher):
 
 
 def test_run_esd(tmp_path, tiny_teacher):
-    _, log = _run(tmp_path, "builtin_esd.yaml", f"baseline.init={tiny_teacher}", "baseline.esd_steps=4")
-    assert log[-1]["loss"] > 0
+    """At the first iteration theta is the frozen model, so eps_theta(c_f) - target = (1 + eta)(eps_0(c_f) -
+    eps_0(null)) on the same draws: the first logged loss scales exactly as (1 + eta)^2 with baseline.esd_eta."""
+    first = {}
+    for eta in (0.0, 2.0):
+        _, log = _run(tmp_path / str(eta), "builtin_esd.yaml", f"baseline.init={tiny_teacher}", "baseline.esd_steps=4",
+                      f"baseline.esd_eta={eta}")
+        first[eta] = log[0]["loss"]
+    assert first[2.0] / first[0.0] == pytest.approx(9.0, rel=1e-4)
 
+
+
+def table_cells(table: str) -> dict[str, list[str]]:
+    """{model name: its cells} of the markdown table written by scripts/aggregate.py."""
+    return {cells[1].strip(): [c.strip() for c in cells[2:-1]] for line in table.splitlines()
+            if line.startswith("| ") and (cells := line.split("|"))}
+
+
+def assert_table_matches_results(out, table: str) -> None:
+    """Each row's UA, remaining accuracy and FID cells are the numbers in that row's own JSON files."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("aggregate", TREE / "scripts" / "aggregate.py")
+    agg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agg)
+    cells = table_cells(table)
+    for key, name in agg.ROWS:
+        if not (out / key / "ua.json").exists():
+            continue
+        ua = json.loads((out / key / "ua.json").read_text())["results"]
+        fid = json.loads((out / key / "fid.json").read_text())["results"]
+        fid_value = fid.get("classifier_fid", fid.get("fid"))
+        assert cells[name][:3] == [f"{ua['ua']:.3f}", f"{ua['remaining_accuracy']:.3f}", f"{fid_value:.3f}"], name
+
+
+def test_aggregate_puts_each_rows_numbers_in_its_row(tmp_path):
+    for k, key in enumerate(("sfd", "esd")):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "ua.json").write_text(json.dumps({"results": {"ua": 0.1 + k / 3,
+                                                                        "remaining_accuracy": 0.9 - k / 7}}))
+        (tmp_path / key / "fid.json").write_text(json.dumps({"results": {"classifier_fid": 3.25 + 10 * k,
+                                                                         "classifier_precision": 0.5}}))
+    run_script("scripts/aggregate.py", "--out", tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert_table_matches_results(tmp_path, table)
+    cells = table_cells(table)
+    assert cells["Retrain"][0] == "not run" and cells["Retrain"][-3] == "7.94"  # the authors' reference FID
+    assert cells["SFD one-step"][-3] == "5.32" and cells["ESD"][-3] == "12.68"
 
 
 # -- the paper-table scripts, end to end on the built-in dataset with a tiny budget -----------------
@@ -229,7 +272,8 @@ def test_paper_table_scripts_run_end_to_end(tmp_path):
                          capture_output=True)
     assert agg.returncode == 0, agg.stderr
     table = (out / "table.md").read_text()
-    assert "not run" not in table and table.count("\n| ") == 7 and "| 7.94 |" in table
+    assert "not run" not in table and table.count("\n| ") == 7
+    assert_table_matches_results(out, table)
     # the header of every script explains the real-scale settings
     for row in ("sfd", "retrain", "sa", "salun", "esd"):
         assert "Real scale" in (TREE / "scripts" / f"{row}.sh").read_text()

@@ -17,18 +17,52 @@ def only_run(outdir):
 
 
 def test_help_explains_every_option():
-    for script in ("train.py", "sample.py", "save_dataset.py"):
-        text = run_script(script, "--help").stdout
-        assert "Usage:" in text and "--help" in text
+    """Every option of every entry point carries a help text, and --help prints it; --list-keys prints
+    every config key with its default and meaning."""
+    import click
+
+    import evaluate
+    import sample
+    import save_dataset
+    import train
+
+    commands = {"train.py": train.main, "sample.py": sample.main, "save_dataset.py": save_dataset.main,
+                **{f"evaluate.py {name}": cmd for name, cmd in evaluate.main.commands.items()}}
+    for name, cmd in commands.items():
+        text = run_script(*name.split(), "--help").stdout
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                assert param.help and len(param.help) > 10, f"{name} {param.opts[0]} has no help"
+                assert param.opts[-1] in text, f"{name} --help does not list {param.opts[-1]}"
+    from sfd_ddpm import config as C
     keys = run_script("train.py", "--list-keys").stdout
-    assert "sfd.lambda_theta_f" in keys and "training.ema" in keys
+    for line in C.describe():
+        key, meaning = line.split(" = ")[0], line.split("\n", 1)[1].strip()
+        assert f"{key} = " in keys and meaning[:60] in keys, key
+    assert len(C.describe()) == keys.count("\n    ")
 
 
 def test_dry_run_prints_the_resolved_config():
-    out = run_script("train.py", "--config", "configs/cifar10_sfd.yaml", "--dry-run", "sfd.forget=[0,3]").stdout
-    cfg = json.loads(out)
-    assert cfg["sfd"]["forget"] == [0, 3] and cfg["sfd"]["alpha"] == 1.2 and cfg["sfd"]["t_init"] == 440
-    assert cfg["sfd"]["lr_phi"] == 3e-5 and cfg["training"]["batch_size"] == 128
+    """defaults <- YAML file <- command line: keys the file leaves out take the schema defaults, the file
+    overrides defaults, the command line overrides the file."""
+    import yaml
+
+    from sfd_ddpm import config as C
+    raw = yaml.safe_load(open("configs/cifar10_sfd.yaml"))
+    cfg = json.loads(run_script("train.py", "--config", "configs/cifar10_sfd.yaml", "--dry-run", "sfd.forget=[0,3]",
+                                "training.n_iters=77").stdout)
+    defaults = C.defaults()
+    assert raw["sfd"]["forget"] == [0] and cfg["sfd"]["forget"] == [0, 3]                      # command line wins
+    assert raw["training"]["n_iters"] == 50000 and cfg["training"]["n_iters"] == 77
+    assert defaults["method"] == "pretrain" and cfg["method"] == raw["method"] == "sfd"          # the file wins
+    assert "forget_warmup" not in raw["sfd"] and cfg["sfd"]["forget_warmup"] == defaults["sfd"]["forget_warmup"]
+    assert "model" not in raw and cfg["model"] == defaults["model"]                               # defaults fill in
+    assert "grid" not in raw and cfg["grid"] == defaults["grid"]
+    for section, values in raw.items():  # every other value of the file is there unchanged
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            got = cfg[section] if key is None else cfg[section][key]
+            if (section, key) not in (("sfd", "forget"), ("training", "n_iters")):
+                assert got == value, (section, key)
 
 
 def test_pretrain_run_writes_its_artefacts(tiny_teacher):

@@ -114,3 +114,16 @@ def test_sampled_pixels_agree_within_one_level_across_batch_sizes(tmp_path, tiny
         assert np.abs(pa[name] - pb[name]).max() <= 1, name
         # another seed: another image (the tiny teacher is barely trained, so its samples are mostly noise)
         assert np.abs(pa[name] - pc[name]).mean() > 10, name
+
+
+@pytest.mark.parametrize("sampler,steps,guidance", [("ddim", 3, 0.0), ("ddim", 3, 2.0), ("ddim", 7, 0.0),
+                                                     ("ddim", 4, 0.0), ("ddpm", 1, 1.0), ("one_step", 1, 0.0)])
+def test_recorded_nfe_is_the_number_of_network_passes(sampler, steps, guidance):
+    """nfe() (written to settings.json) counts what the sampler really runs, also when steps does not divide T."""
+    calls = []
+    d = toy_denoiser(T=24)
+    net = d.net
+    d.net = lambda x, t, c: calls.append(len(x)) or net(x, t, c)
+    samplers.sample(d, sampler, torch.zeros(2, dtype=torch.long), [1, 2], SHAPE, steps=steps, guidance=guidance,
+                    t_init=5)
+    assert sum(calls) / 2 == samplers.nfe(sampler, steps, guidance, num_timesteps=24)
