@@ -101,6 +101,7 @@ def pixels(folder):
     return {p.name: np.asarray(Image.open(p)).astype(np.int16) for p in sorted(folder.glob("*.png"))}
 
 
+@pytest.mark.subprocess
 def test_sampled_pixels_agree_within_one_level_across_batch_sizes(tmp_path, tiny_teacher):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     common = ["--ckpt", tiny_teacher, "--classes", "0-2", "--per-class", "3", "--sampler", "ddim", "--steps", "3",

@@ -42,6 +42,7 @@ def files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
 
 
+@pytest.mark.subprocess
 # ---- non-finite weights and outputs -----------------------------------------------------------------
 def test_loading_a_checkpoint_with_a_nan_names_the_tensor(tmp_path, tiny_teacher):
     key = first_weight(tiny_teacher)
@@ -55,6 +56,7 @@ def test_loading_a_checkpoint_with_a_nan_names_the_tensor(tmp_path, tiny_teacher
     assert not out.exists()  # no folder, no black PNGs
 
 
+@pytest.mark.subprocess
 def test_non_finite_images_are_never_written(tmp_path, tiny_teacher):
     x = torch.zeros(3, 3, 4, 4)
     x[1, 0, 0, 0] = float("nan")
@@ -70,6 +72,7 @@ def test_non_finite_images_are_never_written(tmp_path, tiny_teacher):
     assert not list(out.glob("*.png"))
 
 
+@pytest.mark.subprocess
 def test_evaluators_refuse_non_finite_images_and_classifiers(tmp_path):
     from sfd_ddpm.classifiers import build_classifier, save_classifier
     from sfd_ddpm.metrics.ua import classify, classify_folder
@@ -95,6 +98,7 @@ def test_evaluators_refuse_non_finite_images_and_classifiers(tmp_path):
 
 
 
+@pytest.mark.subprocess
 # ---- provenance of a sample folder ------------------------------------------------------------------
 def test_sample_refuses_a_folder_of_another_checkpoint_or_settings(tmp_path, tiny_teacher):
     other = variant(tiny_teacher, tmp_path / "other.safetensors", lambda name, v: v * 1.01 if v.is_floating_point() else v)
@@ -123,6 +127,7 @@ def test_sample_refuses_a_folder_of_another_checkpoint_or_settings(tmp_path, tin
     assert (out / "000_00000.png").read_bytes() != before["000_00000.png"]
 
 
+@pytest.mark.subprocess
 def test_sample_refuses_images_without_settings(tmp_path, tiny_teacher):
     out = tmp_path / "samples"
     out.mkdir()
@@ -132,6 +137,7 @@ def test_sample_refuses_images_without_settings(tmp_path, tiny_teacher):
     assert files(out) == {"000_00000.png": b"someone else's image"}
 
 
+@pytest.mark.subprocess
 # ---- a bad --out is found before any sampling ---------------------------------------------------------
 def test_file_blocked_out_fails_before_sampling(tmp_path, tiny_teacher):
     blocker = tmp_path / "blocker"
@@ -144,6 +150,7 @@ def test_file_blocked_out_fails_before_sampling(tmp_path, tiny_teacher):
     assert blocker.read_text() == "a file where a folder should be"
 
 
+@pytest.mark.subprocess
 def test_classifier_given_as_ckpt_is_named(tmp_path):
     from sfd_ddpm.classifiers import build_classifier, save_classifier
 
@@ -155,6 +162,7 @@ def test_classifier_given_as_ckpt_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 # ---- clean errors before any work, and a clean start after a kill ---------------------------------------
 @pytest.mark.parametrize("override,message", [
     ("training.batch_size=0", "training.batch_size must be at least 1, got 0"),
@@ -168,6 +176,7 @@ def test_bad_counts_are_config_errors(tmp_path, override, message):
     assert not out.exists()
 
 
+@pytest.mark.subprocess
 def test_a_run_folder_appears_only_once_inputs_are_valid(tmp_path):
     out = tmp_path / "runs"
     proc = run_script("train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", out,
@@ -181,6 +190,7 @@ def test_a_run_folder_appears_only_once_inputs_are_valid(tmp_path):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.subprocess
 def test_resume_cleans_up_after_a_kill_and_refuses_a_second_writer(tmp_path, tiny_teacher):
     import subprocess
     import sys
@@ -211,6 +221,7 @@ def test_resume_cleans_up_after_a_kill_and_refuses_a_second_writer(tmp_path, tin
     assert torch.load(run / "training-state.pt", weights_only=True)["step"] == 4
 
 
+@pytest.mark.subprocess
 def test_evaluation_converts_grey_and_rgba_images_to_what_the_classifier_takes(tmp_path):
     from PIL import Image
 
@@ -238,3 +249,43 @@ def test_evaluation_converts_grey_and_rgba_images_to_what_the_classifier_takes(t
                       "--out", tmp_path / "ua.json", check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "ua.json").read_text())["results"]["n_forget_images"] == 2
+
+
+# ---- small pieces the mutation run found unguarded -------------------------------------------------------
+def test_omega_clamp_is_exactly_1e_minus_5():
+    """omega = max(mean |f_psi - x_g|, 1e-5): a small but non-zero omega is used as it is, zero becomes 1e-5."""
+    from sfd_ddpm.losses import sid_loss
+
+    x_g = torch.zeros(2, 1, 2, 2)
+    f_psi = torch.stack([torch.full((1, 2, 2), 1e-3), torch.zeros(1, 2, 2)])
+    f_phi = f_psi - 1.0
+    loss = sid_loss(x_g, f_psi, f_phi, 1.0)
+    # sum over 4 pixels of (f_psi - f_phi) * (f_phi - x_g) = 1 * (f_psi - 1)
+    assert loss[0].item() == pytest.approx(4 * (1e-3 - 1) / 1e-3, rel=1e-5)
+    assert loss[1].item() == pytest.approx(4 * (0 - 1) / 1e-5, rel=1e-5)
+
+
+def test_weights_file_round_trip_and_strict_loading(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    path = tmp_path / "w.safetensors"
+    other = {k: v.clone() for k, v in net.state_dict().items()}
+    checkpoints.save_weights(path, {"ema": net.state_dict(), "net": other}, {"k": [1, 2]}, 1234, "sfd")
+    nets, meta = checkpoints.load_weights(path)
+    assert (meta["step"], meta["kind"], meta["config"], meta["networks"]) == (1234, "sfd", {"k": [1, 2]}, ["ema", "net"])
+    for k, v in net.state_dict().items():
+        assert torch.equal(nets["ema"][k], v)
+    partial = {k: v for k, v in nets["ema"].items() if k != "1.bias"}
+    with pytest.raises(checkpoints.CheckpointError, match="does not fit this network"):
+        checkpoints.load_into(net, partial, "w.safetensors [ema]")
+    with pytest.raises(checkpoints.CheckpointError, match="does not fit this network"):
+        checkpoints.load_into(net, {**nets["ema"], "2.weight": torch.zeros(2, 2)}, "w.safetensors [ema]")
+
+
+def test_stale_temporaries_are_only_atomic_write_leftovers(tmp_path):
+    keep = [tmp_path / "network-0000004.safetensors", tmp_path / "notes.tmp", tmp_path / "log.jsonl"]
+    for p in keep:
+        p.write_text("keep")
+    stale = tmp_path / ".training-state.pt.abc123.tmp"
+    stale.write_text("half")
+    assert checkpoints.remove_stale_temporaries(tmp_path) == [stale]
+    assert all(p.exists() for p in keep) and not stale.exists()

@@ -220,6 +220,7 @@ def test_ema_moves_towards_the_generator_by_one_minus_decay(rampup):
         assert moved > 1e-4  # the generator did move, so the check above has something to see
 
 
+@pytest.mark.subprocess
 def test_train_py_sfd_opens_no_dataset(tmp_path, tiny_teacher):
     """The real entry point, with every dataset loader replaced by a function that fails."""
     out = tmp_path / "runs"
