@@ -68,7 +68,7 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
             old = json.loads(settings_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-    if not overwrite and (pngs or old is not None):
+    if not overwrite and pngs:  # without images there is nothing to mislabel
         if old is None:
             raise ValueError(f"--out {out} holds {len(pngs)} images but no settings.json, so their checkpoint and "
                              f"settings are unknown; use another --out or --overwrite to delete them")
@@ -86,7 +86,7 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
         out.mkdir(parents=True, exist_ok=True)
         from sfd_ddpm.checkpoints import remove_stale_temporaries
         remove_stale_temporaries(out)
-        kept = {} if overwrite or old is None else old
+        kept = old if old and pngs and not overwrite else {}
         write_settings(out, {**kept, **provenance, "images_per_class": images_per_class(out), "complete": False})
     dist.barrier()
 
