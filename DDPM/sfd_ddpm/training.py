@@ -84,6 +84,9 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
             raise ValueError(f"the run was saved with {len(rngs)} processes; resume it with the same number "
                              f"(got {dist.world_size}) for an exact continuation")
         _set_rng_state(rngs[dist.rank])
+        if dist.is_main:
+            from .run_guard import truncate_log
+            truncate_log(run_dir, start)  # the iterations after the saved state are redone and logged again
         dist.print0(f"resumed {run_dir} at iteration {start}")
     else:
         torch.manual_seed(cfg["seed"] + dist.rank)
