@@ -71,6 +71,7 @@ SCHEMA: dict = {
         "log_every": K(50, "iterations between log.jsonl lines"),
         "snapshot_every": K(5000, "iterations between weight snapshots and sample grids"),
         "state_every": K(1000, "iterations between training-state saves (for --resume)"),
+        "keep_states": K(2, "training states kept on disk: the newest K (0 = all)"),
         "early_snapshots": K(0, "extra log-spaced snapshots before the first regular one (0 = none)"),
     },
     "grid": {
