@@ -80,7 +80,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
         if run_dir is None and dist.is_main:
             run_dir = new_run_dir(outdir, f"{Path(config_path).stem}")
             dist.print0(f"run directory: {run_dir}")
-        train(method, cfg, run_dir, dist, resume=bool(resume_dir))
+        train(method, method.cfg, run_dir, dist, resume=bool(resume_dir))  # with the architecture it adopted
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError) as err:
         raise click.ClickException(str(err)) from None
     finally:
