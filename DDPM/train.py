@@ -101,7 +101,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
             dist.print0(f"run directory: {run_dir}")
         if dist.is_main:
             run_guard.remove_stale_temporaries(run_dir)  # left by a killed write
-        train(method, cfg, run_dir, dist, resume=bool(resume_dir))
+        train(method, method.cfg, run_dir, dist, resume=bool(resume_dir))  # with the architecture it adopted
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError, run_guard.RunLocked) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:
