@@ -210,3 +210,69 @@ def test_embedding_search_starts_from_the_chosen_row(init):
     with torch.no_grad():
         p = judge(render(denoiser(ref), torch.full((64,), FORGET), z, ONE_STEP)).softmax(1)[:, FORGET].mean()
     assert row["mean_p_forget"] == pytest.approx(float(p), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py attack
+
+
+def _classifier_file(folder, always_forget: bool):
+    from sfd_ddpm.classifiers import SmallCNN, save_classifier
+
+    torch.manual_seed(0)
+    model = SmallCNN(width=8)
+    if always_forget:  # a judge that labels every image class 0
+        with torch.no_grad():
+            model.fc.weight.zero_()
+            model.fc.bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+    path = folder / ("judge.safetensors" if always_forget else "clf.safetensors")
+    save_classifier(path, model, architecture="small_cnn", dataset="builtin", image_size=16, test_accuracy=None,
+                    training={"note": "random stand-in"})
+    return path
+
+
+def test_attack_cli_writes_every_setting_and_uses_the_judge(tmp_path, tiny_teacher):
+    import json
+
+    from click.testing import CliRunner
+
+    import evaluate
+
+    clf, judge = _classifier_file(tmp_path, False), _classifier_file(tmp_path, True)
+    common = ["attack", "--ckpt", tiny_teacher, "--classifier", clf, "--forget", "0", "--budgets", "0,2", "--n", "3",
+              "--steps", "2", "--attacks", "noise,embedding_forget", "--device", "cpu"]
+    res = CliRunner().invoke(evaluate.main, [*map(str, common), "--out", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "a.json").read_text())
+    s, r = rec["settings"], rec["results"]
+    assert rec["metric"] == "attack" and s["forget"] == 0 and s["budgets"] == [0, 2] and s["n"] == 3
+    assert s["sampling"] == {"sampler": "ddim", "steps": 2, "guidance": 2.0, "clip_x0": True}  # a DDPM-kind model
+    assert s["checkpoint"]["kind"] == "ddpm" and len(s["checkpoint"]["sha256"]) == 16
+    assert s["classifier"]["path"] == str(clf) and s["judge"] == "the attacked classifier"
+    assert [row["budget"] for row in r["attacks"]["noise"]] == [0, 2]
+    assert set(r["at_budget"]) == {"noise", "embedding_forget"} and r["embedding_best"] == r["at_budget"]["embedding_forget"]
+
+    res = CliRunner().invoke(evaluate.main, [*map(str, common), "--judge", str(judge), "--sampler", "one_step",
+                                             "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "b.json").read_text())
+    assert rec["settings"]["judge"]["path"] == str(judge) and rec["settings"]["sampling"]["sampler"] == "one_step"
+    assert all(row["success_rate"] == 1.0 for rows in rec["results"]["attacks"].values() for row in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--forget", "0,1"], "one forgotten class"),
+    (["--forget", "0", "--attacks", "noise,xyz"], "choose from"),
+    (["--forget", "0", "--budgets", "0,a"], "gradient-step counts"),
+    (["--forget", "12"], "out of range"),
+])
+def test_attack_cli_bad_input_is_one_line(tmp_path, tiny_teacher, args, message):
+    from click.testing import CliRunner
+
+    import evaluate
+
+    clf = _classifier_file(tmp_path, False)
+    res = CliRunner().invoke(evaluate.main, ["attack", "--ckpt", str(tiny_teacher), "--classifier", str(clf),
+                                             *args, "--out", str(tmp_path / "x.json")])
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert not (tmp_path / "x.json").exists()

@@ -254,3 +254,31 @@ def default_sampling(kind: str, cfg: dict, steps: int = 10) -> Sampling:
         return Sampling("one_step", t_init=int(cfg.get("sfd", {}).get("t_init", 440)))
     return Sampling("ddim", steps=steps, guidance=2.0, clip_x0=True)
 
+
+
+def attack_checkpoint(ckpt, classifier, forget: int, *, network: str | None = None, sampler: str = "auto",
+                      steps: int = 10, guidance: float | None = None, clip_x0: bool | None = None, device="cpu",
+                      **attack_kw) -> dict:
+    """Load a weights file (or run folder) as ``sample.py`` does and run :func:`run_attacks` on it.
+
+    ``sampler="auto"`` attacks each model through how it is sampled (:func:`default_sampling`);
+    ``guidance`` / ``clip_x0`` of None keep that choice's values. Returns the results with the sampling
+    settings and the checkpoint's identity."""
+    from ..checkpoints import file_hash
+    from ..loading import denoiser_for, load_network, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt)
+    net, cfg, meta = load_network(path, name=network, device=device)
+    base = default_sampling(meta["kind"], cfg, steps)
+    if sampler not in ("auto", base.sampler):
+        base = Sampling(sampler, steps=steps, t_init=base.t_init)
+    sampling = Sampling(base.sampler, steps=steps, t_init=base.t_init,
+                        guidance=base.guidance if guidance is None else guidance,
+                        clip_x0=base.clip_x0 if clip_x0 is None else clip_x0)
+    d = cfg["data"]
+    shape = (d["channels"], d["image_size"], d["image_size"])
+    out = run_attacks(denoiser_for(net, cfg), classifier, forget, sampling, shape, **attack_kw)
+    out["checkpoint"] = {"path": str(path), "sha256": file_hash(path), "kind": meta["kind"], "step": meta["step"],
+                         "network": network or "default (EMA)"}
+    out["sampling"] = sampling.settings()
+    return out
