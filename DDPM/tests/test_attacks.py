@@ -276,3 +276,51 @@ def test_attack_cli_bad_input_is_one_line(tmp_path, tiny_teacher, args, message)
                                              *args, "--out", str(tmp_path / "x.json")])
     assert res.exit_code != 0 and message in res.output, res.output
     assert not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the attack columns of make compare and of the paper-table aggregator
+
+
+def test_aggregate_attack_columns_and_no_attacks(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import TREE
+
+    for row, (noise, emb) in {"sfd": (0.25, 0.75), "retrain": (0.0, 0.0625)}.items():
+        (tmp_path / row).mkdir()
+        (tmp_path / row / "ua.json").write_text(json.dumps({"results": {"ua": 0.9, "remaining_accuracy": 0.8}}))
+        (tmp_path / row / "fid.json").write_text(json.dumps({"results": {"classifier_fid": 3.0}}))
+        (tmp_path / row / "attack.json").write_text(json.dumps({
+            "settings": {"budgets": [0, 50]},
+            "results": {"at_budget": {"noise": {"success_rate": noise}}, "embedding_best": {"success_rate": emb}}}))
+    run = lambda *a: subprocess.run([sys.executable, "scripts/aggregate.py", "--out", tmp_path, *a], cwd=TREE,  # noqa: E731
+                                    text=True, capture_output=True)
+    assert run().returncode == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "noise attack @50 | embedding attack @50 |" in table
+    assert "| SFD one-step | 0.900 | 0.800 | 3.000 | - | - | - | 0.250 | 0.750 |" in table
+    assert "| Retrain | 0.900 | 0.800 | 3.000 | - | - | - | 0.000 | 0.062 |" in table
+    assert "| SalUn | not run | - | - | - | - | - | - | - |" in table
+    assert run("--no-attacks").returncode == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "attack" not in table.split("\n", 1)[1] and "| SFD one-step | 0.900 | 0.800 | 3.000 | - | - | - || 0 | 9.53 |" in table
+
+
+def test_compare_markdown_has_attack_columns_only_with_attacks():
+    import compare
+
+    row = {"method": "sfd", "ua": 1.0, "remaining_acc": 0.9, "classifier_fid": 2.0, "nfe": 1,
+           "attack": {"noise_success": 0.125, "embedding_success": 0.5, "seconds": 3.0}}
+    report = {"iters": 200, "batch": 32, "images_per_class": 30, "reference_images_per_class": 100, "jobs": 2,
+              "seconds": 600.0, "skipped": [], "rows": [row],
+              "attack_settings": {**compare.ATTACK}}
+    md = compare.markdown(report)
+    assert f"noise attack @{compare.ATTACK['budget']} | embedding attack @{compare.ATTACK['budget']} |" in md
+    assert "| sfd | 1.000 | 0.900 | 2.000 | 1 | - | - | 0.125 | 0.500 |" in md and "Attacks took 3 s" in md
+    header, rule = [line for line in md.splitlines() if line.startswith("|")][:2]
+    assert header.count("|") == rule.count("|")
+    md = compare.markdown({**report, "attack_settings": None})
+    assert "attack" not in md and "| sfd | 1.000 | 0.900 | 2.000 | 1 | - | - |" in md
