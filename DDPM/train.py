@@ -27,7 +27,7 @@ from sfd_ddpm import config as C  # noqa: E402
 @click.option("--outdir", type=click.Path(file_okay=False), default="runs",
               help="Parent folder; each run gets a numbered sub-folder NNNNN-<config name>.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), metavar="RUN_DIR",
-              help="Continue a run exactly from its training-state.pt (its config.json is reused; "
+              help="Continue a run exactly from its newest training-state-*.pt (its config.json is reused; "
                    "KEY=VALUE overrides such as training.n_iters=... still apply).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto = CUDA when available.")
@@ -40,7 +40,7 @@ def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys)
     KEY=VALUE pairs override config keys (values are YAML: numbers, true/false, lists [0,1], null),
     e.g. `training.n_iters=1000 sfd.forget=[0,3]`. Unknown keys are errors.
     Weights are saved as network-NNNNNNN.safetensors (config embedded), sample grids as PNG, losses
-    and images/s in log.jsonl, and training-state.pt allows an exact --resume.
+    and images/s in log.jsonl, and training-state-*.pt (the newest training.keep_states kept) allow an exact --resume.
     """
     if list_keys:
         click.echo("\n".join(C.describe()))
@@ -101,7 +101,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
             dist.print0(f"run directory: {run_dir}")
         if dist.is_main:
             run_guard.remove_stale_temporaries(run_dir)  # left by a killed write
-        train(method, cfg, run_dir, dist, resume=bool(resume_dir))
+        train(method, method.cfg, run_dir, dist, resume=bool(resume_dir))  # with the architecture it adopted
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError, run_guard.RunLocked) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:

@@ -68,7 +68,8 @@ def test_dry_run_prints_the_resolved_config():
 def test_pretrain_run_writes_its_artefacts(tiny_teacher):
     run = tiny_teacher.parent
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "log.jsonl", "training-state.pt", "network-0000004.safetensors", "grid-0000004.png"} <= names
+    assert {"config.json", "log.jsonl", "training-state-0000004.pt", "network-0000004.safetensors",
+            "grid-0000004.png"} <= names
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["images_per_s"] > 0 and "loss" in r for r in records)
@@ -182,5 +183,5 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, t
                       "sfd.lr_theta=1e38", "sfd.grad_clip_value=0", check=False)
     assert proc.returncode != 0 and "non-finite loss at iteration" in proc.stderr, proc.stderr
     run = only_run(out)
-    state = torch.load(run / "training-state.pt", weights_only=True)
+    state = torch.load(sorted(run.glob("training-state-*.pt"))[-1], weights_only=True)
     assert 1 <= state["step"] < 6  # the last good state is kept, not overwritten by the bad step

@@ -204,7 +204,7 @@ def test_resume_cleans_up_after_a_kill_and_refuses_a_second_writer(tmp_path, tin
     # what a kill after the state of iteration 2 leaves: logged iterations 3-4, half a line, a temporary file
     with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
-    (run / ".training-state.pt.k1ll3d.tmp").write_bytes(b"half a state")
+    (run / ".training-state-0000003.pt.k1ll3d.tmp").write_bytes(b"half a state")
     # a live process holds the lock: a second writer is refused and changes nothing
     (run / "run.lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": __import__("os").getpid()}))
     before = files(run)
@@ -218,7 +218,8 @@ def test_resume_cleans_up_after_a_kill_and_refuses_a_second_writer(tmp_path, tin
     run_script("train.py", "--resume", run, "training.n_iters=4")
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp")) and not (run / "run.lock").exists()
-    assert torch.load(run / "training-state.pt", weights_only=True)["step"] == 4
+    from sfd_ddpm.rotation import latest_state
+    assert torch.load(latest_state(run), weights_only=True)["step"] == 4
 
 
 @pytest.mark.subprocess

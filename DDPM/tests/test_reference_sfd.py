@@ -98,8 +98,8 @@ def observe(method):
     seen = {"draws": [], "phi": None, "theta": None, "fake_after_phi": None}
     real_draw = method._draw
 
-    def draw(forget, warm):
-        d = real_draw(forget, warm)
+    def draw(*args, **kwargs):
+        d = real_draw(*args, **kwargs)
         seen["draws"].append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in d.items()})
         return d
 
