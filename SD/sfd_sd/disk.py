@@ -1,8 +1,8 @@
 """Bounded disk use: the size of a training state, the disk a run needs, a free-space check, rotation.
 
 A training state holds two fp32 UNets and their two Adam states (weights, m, v: 3 x 4 bytes per
-parameter each) plus the EMA: about 31 GB for SD v1.5 (859.5M parameters). Only the newest
-``keep`` states are kept (default 2: the newest and one fallback should the newest be damaged);
+parameter each) plus the EMA if on: about 20.6 GB for SD v1.5 (859.5M parameters; +3.4 GB EMA).
+Only the newest ``keep`` states are kept (default 2: the newest and one fallback should the newest be damaged);
 generator snapshots (one fp32 UNet, 3.4 GB) are all kept, on their own schedule.
 """
 from __future__ import annotations
