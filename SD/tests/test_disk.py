@@ -75,7 +75,11 @@ def test_rotation_keeps_the_last_k_and_resume_from_the_newest_is_exact(tiny_sd_d
         ta, tb = list(tensors(a[key])), list(tensors(b[key]))
         assert len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb)), key
 
-def test_too_little_free_space_refuses_before_writing(tiny_sd_dir, tmp_path):
+def test_too_little_free_space_refuses_before_writing(tiny_sd_dir, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the free-space check")
+
+    monkeypatch.setattr("sfd_sd.models.load_sd_parts", no_loading)
     out = tmp_path / "runs"
     res = invoke(base_args(tiny_sd_dir, out, "--duration", "0.002"), env={"SFD_FAKE_FREE_BYTES": "1000000"})
     assert res.exit_code != 0
