@@ -177,6 +177,14 @@ def memory_plan_gib(n_unet: int, n_text: int, n_vae: int = 83_653_863) -> dict:
                 transient={k: v / GIB for k, v in transient.items()})
 
 
+def write_json(path: str, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -229,14 +237,14 @@ def main(unet_config, resolution, batches, ckpts, warmup, iters, precision, devi
             run["wall_sec"] = time.perf_counter() - t0
             result["runs"].append(run)
             click.echo(json.dumps(run), err=True)
+            write_json(out, result)  # after every setting: a run cut short still leaves its results
             del step
             _free(device)
     if "unet_params" in result:
         with torch.device("meta"):  # only the parameter count
             text = text_encoder_for(config["cross_attention_dim"])
         result["memory_plan_gib"] = memory_plan_gib(result["unet_params"], sum(p.numel() for p in text.parameters()))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     click.echo(json.dumps(result, indent=2))
 
 
