@@ -66,3 +66,23 @@ def test_build_step_wires_checkpointing_precision_and_training(tmp_path):
     before = [p.detach().clone() for p in nets.generator.unet.parameters()]
     step(0)  # the real SFD iteration: both networks move
     assert any(not torch.equal(a, p) for a, p in zip(before, nets.generator.unet.parameters()))
+
+
+def test_saved_tensors_count_shows_the_autocast_weight_copies():
+    """fp32 weights under bf16 autocast keep a bf16 copy (2 bytes/param) for backward; bf16-stored ones do not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("saved_tensors", SD_DIR / "benchmarks" / "saved_tensors.py")
+    st = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(st)
+    counts = {}
+    for case in ("trainable_fp32", "frozen_fp32", "frozen_bf16"):
+        torch.manual_seed(0)
+        unet = st.build_unet(TINY_UNET, "cpu", case)
+        x = torch.randn(1, 4, 16, 16, requires_grad=True)
+        counts[case] = st.saved_bytes(unet, x, torch.tensor([500]), torch.randn(1, 77, 32), torch.bfloat16)
+    copy = 2 * sum(p.numel() for p in unet.parameters())
+    assert 0.75 < (counts["frozen_fp32"] - counts["frozen_bf16"]) / copy < 1.1
+    assert counts["trainable_fp32"] > counts["frozen_fp32"] > counts["frozen_bf16"] > 0
+    with torch.no_grad():  # nothing is kept without autograd
+        assert st.saved_bytes(unet, x, torch.tensor([500]), torch.randn(1, 77, 32), torch.bfloat16) == 0
