@@ -1,8 +1,8 @@
 """Bounded disk use: the size of a training state, the disk a run needs, a free-space check, rotation.
 
 A training state holds two fp32 UNets and their two Adam states (weights, m, v: 3 x 4 bytes per
-parameter each) plus the EMA: about 31 GB for SD v1.5 (859.5M parameters). Only the newest
-``keep`` states are kept (default 2: the newest and one fallback should the newest be damaged);
+parameter each) plus the EMA if on: about 20.6 GB for SD v1.5 (859.5M parameters; +3.4 GB EMA).
+Only the newest ``keep`` states are kept (default 2: the newest and one fallback should the newest be damaged);
 generator snapshots (one fp32 UNet, 3.4 GB) are all kept, on their own schedule.
 """
 from __future__ import annotations
@@ -24,17 +24,6 @@ STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
 
 class DiskSpaceError(ConfigError):
     """Not enough free space for the run; the message says how much is needed."""
-
-
-def param_bytes(module: torch.nn.Module | None) -> int:
-    if module is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def state_bytes(trained: list[torch.nn.Module], ema: torch.nn.Module | None) -> int:
-    """Bytes of one training state: each trained net's weights + Adam m and v (same dtype), the EMA."""
-    return sum(3 * param_bytes(m) for m in trained) + param_bytes(ema)
 
 
 def count_crossings(start: int, total: int, every: int) -> int:
@@ -75,6 +64,30 @@ def gb(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n} B"
+
+
+def unet_parameters(sd_model: str, revision: str | None) -> int:
+    """Parameter count of the model's UNet from its config alone (built on the meta device: no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from .models import ModelLoadError
+
+    try:
+        config = UNet2DConditionModel.load_config(sd_model, subfolder="unet", revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the UNet config of {sd_model!r}: {exc}") from exc
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def plan_for_run(cfg, start_nimg: int) -> DiskPlan:
+    """The disk plan of a training run, before any model is loaded (fp32 UNets, Adam, optional EMA)."""
+    fp32 = 4 * unet_parameters(cfg.sd_model, cfg.revision)
+    total, snap, state = (max(int(round(k * 1000)), 1) for k in (cfg.duration_kimg, cfg.snap_kimg, cfg.state_kimg))
+    one_state = 2 * 3 * fp32 + (fp32 if cfg.ema_halflife_kimg > 0 else 0)  # fake + generator (w, m, v), EMA
+    return DiskPlan(state_bytes=one_state, snapshot_bytes=fp32, states=count_crossings(start_nimg, total, state),
+                    snapshots=count_crossings(start_nimg, total, snap), keep=cfg.keep_states)
 
 
 def free_bytes(path: Path) -> int:

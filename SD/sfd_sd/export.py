@@ -41,7 +41,9 @@ class ExportError(ValueError):
 
 
 def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not models._looks_local(name) and name.count("/") == 1
+    """``owner/name`` that is not a local path (a local base folder cannot be the card's base_model)."""
+    return (bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not Path(name).expanduser().exists())
 
 
 def read_run_config(snapshot: Path) -> dict:

@@ -249,7 +249,12 @@ def train(cfg: TrainConfig) -> Path:
         resume_state = checkpoints.load_training_state(path)
 
     run_dir = dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision)) if dist.is_main else None)
-    run_dir = Path(run_dir)  # created only after the free-space check below
+    run_dir = Path(run_dir)
+    plan = disk.plan_for_run(cfg, int(resume_state["cur_nimg"]) if resume_state is not None else 0)
+    disk.check_free_space(run_dir, plan)  # before any model is loaded or file written
+    if dist.is_main:
+        print(plan.describe(), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     parts, gen_unet = _load_everything(cfg, dist, precision)
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -310,13 +315,6 @@ def train(cfg: TrainConfig) -> Path:
     total_img = max(int(round(cfg.duration_kimg * 1000)), 1)
     tick_img, snap_img, state_img = (max(int(round(k * 1000)), 1)
                                      for k in (cfg.tick_kimg, cfg.snap_kimg, cfg.state_kimg))
-    plan = disk.DiskPlan(disk.state_bytes([fake_unet, gen_unet], ema_unet), disk.param_bytes(gen_unet),
-                         states=disk.count_crossings(cur_nimg, total_img, state_img),
-                         snapshots=disk.count_crossings(cur_nimg, total_img, snap_img), keep=cfg.keep_states)
-    disk.check_free_space(run_dir, plan)  # before anything is written
-    if dist.is_main:
-        print(plan.describe(), flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     cfg.resolved = dict(run_dir=str(run_dir), world_size=dist.world_size, precision=precision,
                         per_gpu_batch=per_gpu, micro_batch=micro, accumulation_rounds=rounds,

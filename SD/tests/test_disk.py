@@ -75,7 +75,11 @@ def test_rotation_keeps_the_last_k_and_resume_from_the_newest_is_exact(tiny_sd_d
         ta, tb = list(tensors(a[key])), list(tensors(b[key]))
         assert len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb)), key
 
-def test_too_little_free_space_refuses_before_writing(tiny_sd_dir, tmp_path):
+def test_too_little_free_space_refuses_before_writing(tiny_sd_dir, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the free-space check")
+
+    monkeypatch.setattr("sfd_sd.models.load_sd_parts", no_loading)
     out = tmp_path / "runs"
     res = invoke(base_args(tiny_sd_dir, out, "--duration", "0.002"), env={"SFD_FAKE_FREE_BYTES": "1000000"})
     assert res.exit_code != 0
@@ -88,9 +92,9 @@ def test_disk_plan_counts():
 
     assert count_crossings(0, 10, 2) == 5 and count_crossings(0, 11, 2) == 6 and count_crossings(4, 10, 2) == 3
     assert count_crossings(10, 10, 2) == 0 and count_crossings(0, 100_000, 5_000) == 20
-    # The documented celebrity run: 20 states of ~31 GB; with K = 2 at most 3 exist at once.
-    plan = DiskPlan(state_bytes=31_000_000_000, snapshot_bytes=3_400_000_000, states=20, snapshots=20, keep=2)
-    assert plan.states_on_disk == 3 and plan.needed_bytes == 3 * 31_000_000_000 + 20 * 3_400_000_000
+    # The documented celebrity run: 20 states of ~20.6 GB; with K = 2 at most 3 exist at once.
+    plan = DiskPlan(state_bytes=20_600_000_000, snapshot_bytes=3_440_000_000, states=20, snapshots=20, keep=2)
+    assert plan.states_on_disk == 3 and plan.needed_bytes == 3 * 20_600_000_000 + 20 * 3_440_000_000
     assert DiskPlan(1, 0, states=2, snapshots=0, keep=2).states_on_disk == 2
     assert DiskPlan(1, 0, states=20, snapshots=0, keep=0).states_on_disk == 20
 
