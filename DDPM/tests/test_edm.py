@@ -2,6 +2,7 @@
 and a Gaussian whose denoiser is known in closed form."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -353,3 +354,31 @@ def test_edm_pretraining_and_sampling_through_the_scripts(tmp_path):
     bad = run_script("train.py", "--config", "configs/builtin_edm_train.yaml", "--outdir", tmp_path / "z", *EDM_CLI,
                      "model.null_class=false", check=False)
     assert bad.returncode != 0 and "null class" in bad.stderr
+
+
+@pytest.mark.slow  # ~1-2 min: an EDM teacher, SiD and SFD on the built-in dataset with a tiny budget
+def test_edm_paper_table_rows_run_end_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TREE
+    out = tmp_path / "paper"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "DATASET": "builtin", "OUT": str(out),
+           "TEACHER_ARGS": " ".join([*EDM_CLI, "training.n_iters=2"]),
+           "METHOD_ARGS": " ".join(["training.batch_size=4", "training.n_iters=2", "training.snapshot_every=2",
+                                    "grid.per_class=1"]),
+           "CLASSIFIER_ARGS": "--epochs 1 --builtin-per-class 60", "PER_CLASS": "2", "REF_PER_CLASS": "4",
+           "EDM_STEPS": "2", "FID_FEATURES": "classifier"}
+    for row in ("edm_teacher", "edm_sid", "edm_sfd"):
+        proc = subprocess.run(["bash", f"scripts/{row}.sh"], cwd=TREE, env=env, text=True, capture_output=True,
+                              timeout=900)
+        assert proc.returncode == 0, f"scripts/{row}.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert (out / row / "ua.json").exists() and (out / row / "fid.json").exists()
+    settings = json.loads((out / "edm_teacher" / "samples" / "settings.json").read_text())
+    assert settings["sampler"] == "edm" and settings["nfe_per_image"] == 3
+    agg = subprocess.run([sys.executable, "scripts/aggregate.py", "--out", out], cwd=TREE, text=True,
+                         capture_output=True)
+    assert agg.returncode == 0, agg.stderr
+    table = (out / "table.md").read_text()
+    assert "SFD one-step (EDM)" in table and "SiD one-step (EDM)" in table and "EDM teacher" in table
