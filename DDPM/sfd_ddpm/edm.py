@@ -37,6 +37,14 @@ class EDMSchedule:
         e = cfg["edm"]
         return cls(e["sigma_min"], e["sigma_max"], e["rho"], e["sigma_data"], e["P_mean"], e["P_std"])
 
+    @property
+    def num_timesteps(self):
+        """EDM has no discrete timestep grid: the few places that still enumerate integer timesteps (the
+        diagonal Fisher of SA/VDU, ESD's step bound) stop here with a message instead of a wrong answer."""
+        raise ValueError("this step enumerates discrete DDPM timesteps, which an EDM (songunet) network does not "
+                         "have; it is implemented for the DDPM backbone only (methods pretrain, sid, sfd, retrain "
+                         "and salun run on both)")
+
     # ---- the noise-process interface (see sfd_ddpm.diffusion) ----
     def add_noise(self, x0: torch.Tensor, sigma, eps: torch.Tensor) -> torch.Tensor:
         """x = x0 + sigma eps, per-sample sigma."""

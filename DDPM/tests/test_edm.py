@@ -382,3 +382,12 @@ def test_edm_paper_table_rows_run_end_to_end(tmp_path):
     assert agg.returncode == 0, agg.stderr
     table = (out / "table.md").read_text()
     assert "SFD one-step (EDM)" in table and "SiD one-step (EDM)" in table and "EDM teacher" in table
+
+
+def test_timestep_enumeration_is_refused_with_a_message():
+    """SA's/VDU's Fisher and ESD's step bound enumerate integer timesteps: on EDM they stop cleanly."""
+    from sfd_ddpm.fisher import diagonal_fisher
+    cfg = C.load_config(None, TINY_EDM)
+    net = build_network(cfg)
+    with pytest.raises(ValueError, match="discrete DDPM timesteps"):
+        diagonal_fisher(Denoiser(net, schedule_of(cfg), net.null_label), torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
