@@ -8,7 +8,8 @@ Examples (from inside DDPM/):
 Where to get the files: NVIDIA's pretrained EDM networks are listed in the README of
 https://github.com/NVlabs/edm ("Pre-trained models"), e.g.
 https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl (class-conditional
-CIFAR-10, DDPM++ with VP preconditioning, FID 1.79); SiD's one-step generators are linked from the
+CIFAR-10, DDPM++ trained with EDM's preconditioning and loss, FID 1.79; the converter reads the
+preconditioning class from the file); SiD's one-step generators are linked from the
 README of https://github.com/mingyuanzhou/SiD.
 
 The pickles are read with a restricted unpickler (sfd_ddpm/edm_pickle.py): only tensors, plain

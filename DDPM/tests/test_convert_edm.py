@@ -92,12 +92,12 @@ def persistent_tree(module: torch.nn.Module, name: str, p, kwargs=None):
     return Persistent(p.hook, {"type": "class", "version": 6, "module_src": p.source, "class_name": name, "state": state})
 
 
-def nvidia_pickle(path, net, p, extra=None):
+def nvidia_pickle(path, net, p, extra=None, precond="VPPrecond"):
     kw = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000,
               epsilon_t=1e-5, model_type="SongUNet", embedding_type="positional", encoder_type="standard",
               decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=16,
               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0, augment_dim=9)
-    top = persistent_tree(net, "VPPrecond", p, kw)
+    top = persistent_tree(net, precond, p, kw)
     unet_kw = {k: v for k, v in kw.items() if k not in ("img_channels", "use_fp16", "beta_d", "beta_min", "M", "epsilon_t", "model_type")}
     top.meta["state"]["_modules"]["model"].meta["state"]["_init_kwargs"] = p.EasyDict(unet_kw, in_channels=3, out_channels=3)
     data = {"ema": top, "loss_fn": Persistent(p.hook, {"type": "class", "version": 6, "module_src": p.source,
@@ -112,18 +112,20 @@ def convert(*args):
     return CliRunner().invoke(convert_edm.main, [str(a) for a in args])
 
 
-def test_conversion_gives_the_same_network_and_runs_nothing(tmp_path, persistence):
+@pytest.mark.parametrize("precond", ["VPPrecond", "EDMPrecond"])
+def test_conversion_gives_the_same_network_and_runs_nothing(tmp_path, persistence, precond):
     torch.manual_seed(0)
-    net = build_network(C.load_config(None, TINY)).eval()
+    net = build_network(C.load_config(None, TINY + [f"edm.precond={precond[:-7].lower()}"])).eval()
     for prm in net.parameters():
         prm.data.normal_(0, 0.2)  # random weights everywhere (the zero-initialised layers too)
     pkl, out = tmp_path / "edm.pkl", tmp_path / "edm.safetensors"
-    nvidia_pickle(pkl, net, persistence)
+    nvidia_pickle(pkl, net, persistence, precond=precond)
     result = convert("--pkl", pkl, "--out", out)
     assert result.exit_code == 0, result.output
     assert not any(s.exists() for s in persistence.sentinels)  # neither the hook nor the embedded source ran
     conv, cfg, meta = load_network(out)
-    assert meta["kind"] == "ddpm" and cfg["model"]["arch"] == "songunet" and cfg["edm"]["precond"] == "vp"
+    assert meta["kind"] == "ddpm" and cfg["model"]["arch"] == "songunet"
+    assert cfg["edm"]["precond"] == {"VPPrecond": "vp", "EDMPrecond": "edm"}[precond]
     assert cfg["model"]["null_class"] is False and conv.null_label is None
     x, sigma, label = torch.randn(4, 3, 16, 16), torch.tensor([0.01, 0.5, 3.0, 60.0]), torch.tensor([0, 3, 7, 9])
     with torch.no_grad():
