@@ -20,6 +20,8 @@
 #   EDM_TEACHER       EDM rows: EDM network (convert_edm.py of NVIDIA's edm-cifar10-32x32-cond-vp.pkl,
 #                     see the README); empty = pretrain configs/${DATASET}_edm_train.yaml into $OUT/edm_teacher
 #   EDM_STEPS         Heun steps of the EDM teacher's samples (2 * steps - 1 NFE)          [18]
+#   ATTACKS           1 = also run evaluate.py attack on each row's model into ROW/attack.json; 0 = skip [1]
+#   ATTACK_ARGS       extra evaluate.py attack options, e.g. "--budgets 0,10,50 --n 64"
 #   TEACHER_ARGS, METHOD_ARGS, FISHER_ARGS, CLASSIFIER_ARGS   extra arguments (KEY=VALUE overrides for
 #                     train.py), e.g. a tiny budget for a smoke test
 set -euo pipefail
@@ -39,6 +41,8 @@ FID_FEATURES=${FID_FEATURES:-inception}
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
 EDM_TEACHER=${EDM_TEACHER:-}
 EDM_STEPS=${EDM_STEPS:-18}
+ATTACKS=${ATTACKS:-1}
+read -r -a ATTACK_ARGS <<< "${ATTACK_ARGS:-}"
 read -r -a TEACHER_ARGS <<< "${TEACHER_ARGS:-}"
 read -r -a METHOD_ARGS <<< "${METHOD_ARGS:-}"
 read -r -a FISHER_ARGS <<< "${FISHER_ARGS:-}"
@@ -114,6 +118,10 @@ sample_and_evaluate() {  # sample_and_evaluate ROW CKPT SAMPLE_ARGS...: images, 
     [ -n "$INCEPTION_WEIGHTS" ] && fid_args+=(--inception-weights "$INCEPTION_WEIGHTS")
     "$PYTHON" evaluate.py fid --images "$OUT/$row/samples" --ref "$REF" --exclude "$FORGET" \
         --out "$OUT/$row/fid.json" --no-progress "${fid_args[@]}"
+    if [ "$ATTACKS" = 1 ]; then
+        "$PYTHON" evaluate.py attack --ckpt "$ckpt" --classifier "$CLASSIFIER" --forget "$FORGET" \
+            --out "$OUT/$row/attack.json" "${ATTACK_ARGS[@]}"
+    fi
     echo "$row: $OUT/$row/ua.json $OUT/$row/fid.json"
 }
 

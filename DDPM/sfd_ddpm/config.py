@@ -90,6 +90,7 @@ SCHEMA: dict = {
         "log_every": K(50, "iterations between log.jsonl lines"),
         "snapshot_every": K(5000, "iterations between weight snapshots and sample grids"),
         "state_every": K(1000, "iterations between training-state saves (for --resume)"),
+        "keep_states": K(2, "training states kept on disk: the newest K (0 = all)"),
         "early_snapshots": K(0, "extra log-spaced snapshots before the first regular one (0 = none)"),
     },
     "grid": {
@@ -193,6 +194,13 @@ SCHEMA: dict = {
 }
 
 
+# Counts and sizes that make no sense below a minimum (checked when a value is set).
+MINIMUM = {f"training.{k}": 1 for k in ("batch_size", "n_iters", "log_every", "snapshot_every", "state_every")}
+MINIMUM.update({"training.early_snapshots": 0, "grid.steps": 1, "grid.per_class": 1, "data.image_size": 1,
+                "data.channels": 1, "data.n_classes": 1, "data.builtin_per_class": 1, "data.num_workers": 0,
+                "diffusion.num_timesteps": 1, "model.base_channels": 1, "model.layers_per_block": 1})
+
+
 def _is_leaf(node) -> bool:
     return isinstance(node, tuple)
 
@@ -232,6 +240,13 @@ def _check_type(path: str, value, default):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         if isinstance(default, float):
             value = float(value)
+        elif isinstance(value, float):  # an integer key (a count, a batch size): 8.0 is 8, 8.5 is an error
+            if not value.is_integer():
+                raise ConfigError(f"{path} must be a whole number, got {value!r}")
+            value = int(value)
+        low = MINIMUM.get(path)
+        if low is not None and value < low:
+            raise ConfigError(f"{path} must be at least {low}, got {value!r}")
     elif isinstance(default, list) and not isinstance(value, list) and path != "sfd.forget":
         raise ConfigError(f"{path} must be a list, got {value!r}")
     elif isinstance(default, str) and not isinstance(value, str):
