@@ -24,12 +24,16 @@ TREE = Path(__file__).resolve().parent
 sys.path.insert(0, str(TREE))
 
 # A few minutes on 2 CPU cores. --quick shrinks everything to seconds (used by the tests).
-FULL = {"teacher": [], "sfd": [], "per_class": 50, "ref_per_class": 200, "curve_per_class": 30, "ddim_steps": 50}
+FULL = {"teacher": [], "sfd": [], "per_class": 50, "ref_per_class": 200, "curve_per_class": 30, "ddim_steps": 50,
+        "edm_steps": 18}
 QUICK_MODEL = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[8]",
                "data.builtin_per_class=40", "grid.per_class=2", "grid.steps=2"]
 QUICK = {"teacher": [*QUICK_MODEL, "training.n_iters=6", "training.snapshot_every=6", "training.batch_size=8"],
          "sfd": ["training.n_iters=4", "training.snapshot_every=2", "training.batch_size=8", "grid.per_class=2"],
-         "per_class": 4, "ref_per_class": 8, "curve_per_class": 2, "ddim_steps": 3}
+         "per_class": 4, "ref_per_class": 8, "curve_per_class": 2, "ddim_steps": 3, "edm_steps": 2}
+# --backbone: (teacher config, SFD config)
+BACKBONES = {"ddpm": ("configs/builtin_train.yaml", "configs/builtin_sfd.yaml"),
+             "edm": ("configs/builtin_edm_train.yaml", "configs/builtin_edm_sfd.yaml")}
 
 
 def run(cmd: list[str]) -> None:
@@ -49,11 +53,15 @@ def finished_run(parent: Path, final: str) -> Path | None:
 @click.option("--override", type=click.IntRange(0, 9), default=1, help="Override class the teacher is asked for.")
 @click.option("--quick", is_flag=True, help="Tiny budget (seconds; numbers meaningless): checks the pipeline runs.")
 @click.option("--retrain-teacher", is_flag=True, help="Pretrain a new teacher even if one is present.")
-def main(outdir, forget, override, quick, retrain_teacher):
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="ddpm",
+              help="ddpm = the DDPM UNet (DDIM teacher samples); edm = the EDM SongUNet (EDM Heun teacher samples, "
+                   "SiD/SFD in sigma space).")
+def main(outdir, forget, override, quick, retrain_teacher, backbone):
     """Pretrain, forget, sample, evaluate and report on the built-in dataset."""
     if forget == override:
         raise click.BadParameter("the override class must differ from the forget class", param_hint="--override")
     budget = QUICK if quick else FULL
+    teacher_yaml, sfd_yaml = BACKBONES[backbone]
     out = Path(outdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -70,11 +78,11 @@ def main(outdir, forget, override, quick, retrain_teacher):
     # 2. teacher -----------------------------------------------------------------------------
     t0 = time.perf_counter()
     from sfd_ddpm.config import load_config
-    teacher_cfg = load_config(TREE / "configs/builtin_train.yaml", budget["teacher"])
+    teacher_cfg = load_config(TREE / teacher_yaml, budget["teacher"])
     final = f"network-{teacher_cfg['training']['n_iters']:07d}.safetensors"
     teacher_run = None if retrain_teacher else finished_run(out / "teacher", final)
     if teacher_run is None:
-        run(["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher", *budget["teacher"]])
+        run(["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *budget["teacher"]])
         teacher_run = finished_run(out / "teacher", final)
     else:
         click.echo(f"reusing the teacher in {teacher_run}", err=True)
@@ -84,14 +92,15 @@ def main(outdir, forget, override, quick, retrain_teacher):
     # 3. SFD ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
     shutil.rmtree(out / "sfd", ignore_errors=True)
-    run(["train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", out / "sfd", f"sfd.init={teacher_ckpt}",
+    run(["train.py", "--config", sfd_yaml, "--outdir", out / "sfd", f"sfd.init={teacher_ckpt}",
          f"sfd.forget=[{forget}]", f"sfd.override={override}", *budget["sfd"]])
     sfd_run = next((out / "sfd").iterdir())
     seconds["sfd"] = time.perf_counter() - t0
 
     # 4-6. samples, evaluation, pictures --------------------------------------------------------
-    from sfd_ddpm.demo_report import evaluate_and_report
-    evaluate_and_report(out, teacher_ckpt, sfd_run, clf_path, forget, override, budget, seconds, t_all)
+    from sfd_ddpm.demo_report import EDM_TEACHER_SAMPLER, TEACHER_SAMPLER, evaluate_and_report
+    evaluate_and_report(out, teacher_ckpt, sfd_run, clf_path, forget, override, budget, seconds, t_all,
+                        EDM_TEACHER_SAMPLER if backbone == "edm" else TEACHER_SAMPLER)
 
 
 if __name__ == "__main__":

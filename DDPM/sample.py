@@ -4,6 +4,7 @@
 Examples (from inside DDPM/):
   python sample.py --ckpt runs/00000-builtin_train --out samples/teacher --classes all --per-class 100 --sampler ddim --steps 50 --guidance 2
   python sample.py --ckpt runs/00001-builtin_sfd --out samples/sfd --classes all --per-class 100 --sampler one_step
+  python sample.py --ckpt edm-cifar10-32x32-cond-vp.safetensors --out samples/edm --sampler edm --steps 18
   torchrun --nproc_per_node 8 sample.py --ckpt CKPT --out fid/ --classes 1-9 --per-class 5000 --sampler ddpm
 
 Image (class c, index i) has its own noise stream, seeded from --seed, c and i: its noise draws are
@@ -97,10 +98,11 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR", help="Output folder.")
 @click.option("--classes", default="all", help="Classes to generate: 'all', '0,3,5' or '1-9'.")
 @click.option("--per-class", type=click.IntRange(min=1), default=10, help="Images per class.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "one_step"]), default=None,
-              help="ddpm = 1000-step ancestral, ddim, one_step = SFD/SiD generator. "
-                   "[default: one_step for SFD/SiD checkpoints, ddim otherwise]")
-@click.option("--steps", type=click.IntRange(min=1), default=100, help="DDIM steps.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "one_step", "edm"]), default=None,
+              help="ddpm = 1000-step ancestral, ddim, one_step = SFD/SiD generator, edm = EDM's Heun sampler "
+                   "(EDM networks). [default: one_step for SFD/SiD checkpoints, else ddim (DDPM) or edm (EDM)]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="DDIM steps, or EDM Heun steps (2 * steps - 1 evaluations). [default: 100 DDIM, 18 EDM]")
 @click.option("--eta", type=click.FloatRange(min=0), default=0.0, help="DDIM eta (1 = ancestral noise).")
 @click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
               help="Classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null).")
@@ -119,6 +121,7 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
 
     from sfd_ddpm import distributed
     from sfd_ddpm.checkpoints import CheckpointError, file_hash
+    from sfd_ddpm.diffusion import NoGuidance, check_guidance
     from sfd_ddpm.images import NonFiniteImages, image_name, save_images
     from sfd_ddpm.loading import denoiser_for, load_network, parse_classes, resolve_checkpoint
     from sfd_ddpm.samplers import image_seed, nfe, sample
@@ -128,18 +131,27 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
         path = resolve_checkpoint(ckpt)
         net, cfg, meta = load_network(path, device=dist.device, use_ema=not no_ema)
         class_list = parse_classes(classes, cfg["data"]["n_classes"])
+        check_guidance(net.null_label, guidance)
+    except NoGuidance as err:
+        raise click.ClickException(f"{err} (--guidance 0)") from None
     except (CheckpointError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    sampler = sampler or ("one_step" if meta["kind"] == "sfd" else "ddim")
+    denoiser = denoiser_for(net, cfg)
+    sampler = sampler or ("one_step" if meta["kind"] == "sfd" else denoiser.schedule.default_sampler)
+    if sampler not in denoiser.schedule.samplers:
+        raise click.ClickException(f"--sampler {sampler} does not fit {path} (an {cfg['model'].get('arch', 'unet2d')} "
+                                   f"network); use one of {', '.join(denoiser.schedule.samplers)}")
+    steps = steps or (18 if sampler == "edm" else 100)
     if sampler == "one_step" and meta["kind"] != "sfd":
         raise click.ClickException(f"{path} is a pretrained DDPM; one_step needs an SFD/SiD checkpoint")
     if sampler != "one_step" and meta["kind"] == "sfd":
         raise click.ClickException(f"{path} is a one-step generator; use --sampler one_step")
+    t_init = denoiser.schedule.generator_level(cfg["sfd"])  # t* (DDPM) or sigma_init (EDM)
     provenance = {"checkpoint_sha256": file_hash(path), "kind": meta["kind"], "step": meta["step"], "ema": not no_ema,
-                  "sampler": sampler, "steps": steps if sampler == "ddim" else None,
+                  "sampler": sampler, "steps": steps if sampler in ("ddim", "edm") else None,
                   "eta": eta if sampler == "ddim" else None, "guidance": guidance,
                   "clip_x0": clip_x0 if sampler != "one_step" else None,
-                  "t_init": cfg["sfd"]["t_init"] if sampler == "one_step" else None, "seed": seed}
+                  "t_init": t_init if sampler == "one_step" else None, "seed": seed}
     out = Path(out)
     try:
         prepare_folder(out, provenance, overwrite, dist)
@@ -152,8 +164,6 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
     mine = plan(class_list, per_class, done, dist.rank, dist.world_size)
     d = cfg["data"]
     shape = (d["channels"], d["image_size"], d["image_size"])
-    denoiser = denoiser_for(net, cfg)
-    t_init = cfg["sfd"]["t_init"]
     start = time.perf_counter()
     for k in tqdm(range(0, len(mine), batch), disable=not dist.is_main, desc=f"sampling ({sampler})", unit="batch"):
         chunk = mine[k:k + batch]

@@ -34,7 +34,8 @@ from sfd_ddpm.methods.sfd import SFD  # noqa: E402
 from sfd_ddpm.networks import build_network, count_parameters  # noqa: E402
 from sfd_ddpm.samplers import NoiseStreams, ddpm_ancestral, one_step  # noqa: E402
 
-SIZES = {"builtin": "configs/builtin_train.yaml", "cifar10": "configs/cifar10_train.yaml"}
+SIZES = {"builtin": "configs/builtin_train.yaml", "cifar10": "configs/cifar10_train.yaml",
+         "builtin_edm": "configs/builtin_edm_train.yaml", "cifar10_edm": "configs/cifar10_edm_train.yaml"}
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -64,8 +65,11 @@ def bench_size(size: str, batch: int, repeats: int, ancestral_steps: int, device
     x0 = torch.randn(batch, *shape, device=device).clamp(-1, 1)
     label = torch.randint(0, 10, (batch,), device=device)
 
+    t_gen = sched.generator_level(cfg["sfd"])  # t* (DDPM) or sigma_init (EDM)
+    t_mid = sched.sample_range(1, 500, 501, "cpu")[0].item()  # one mid-range level
+
     def pretrain_step():
-        loss = eps_loss(den, x0, label, torch.randint(0, 1000, (batch,), device=device), torch.randn_like(x0)).mean()
+        loss = eps_loss(den, x0, label, sched.sample_train(batch, device), torch.randn_like(x0)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -75,10 +79,17 @@ def bench_size(size: str, batch: int, repeats: int, ancestral_steps: int, device
 
     net.eval()
     with torch.no_grad():
-        t_fwd = timed(lambda: den.eps(x0, 500, label), device, repeats)
-        t_one = timed(lambda: one_step(den, label, torch.randn_like(x0), 440), device, repeats)
-    print(f"one network evaluation    {t_fwd * 1e3:9.1f} ms   DDIM-100: {batch / (100 * t_fwd):8.2f} images/s")
+        t_fwd = timed(lambda: den.eps(x0, t_mid, label), device, repeats)
+        t_one = timed(lambda: one_step(den, label, torch.randn_like(x0), t_gen), device, repeats)
+    print(f"one network evaluation    {t_fwd * 1e3:9.1f} ms   DDIM-100: {batch / (100 * t_fwd):8.2f} images/s, "
+          f"EDM Heun-18 (35 NFE): {batch / (35 * t_fwd):8.2f} images/s")
     print(f"one-step generator        {t_one * 1e3:9.1f} ms   {batch / t_one:10.1f} images/s")
+    if "ddpm" in sched.samplers:
+        ancestral_ratio(net, sched, den, label, shape, batch, repeats, ancestral_steps, device, t_gen)
+    sfd_ratio(cfg, shape, batch, repeats, device)
+
+
+def ancestral_ratio(net, sched, den, label, shape, batch, repeats, ancestral_steps, device, t_gen) -> None:
     n_anc = min(batch, 16)
     seeds = list(range(n_anc))
     sched_short = copy.copy(sched)
@@ -89,19 +100,23 @@ def bench_size(size: str, batch: int, repeats: int, ancestral_steps: int, device
         torch.cuda.synchronize()
     t_anc = (time.perf_counter() - t0) * 1000 / ancestral_steps
     with torch.no_grad():
-        t_one_small = timed(lambda: one_step(den, label[:n_anc], torch.randn(n_anc, *shape, device=device), 440),
+        t_one_small = timed(lambda: one_step(den, label[:n_anc], torch.randn(n_anc, *shape, device=device), t_gen),
                             device, repeats)
     scaled = "" if ancestral_steps == 1000 else f" (timed over {ancestral_steps} steps, scaled to 1000)"
     print(f"1000-step ancestral       {n_anc / t_anc:10.3f} images/s{scaled}")
     print(f"one-step / ancestral      {t_anc / t_one_small:10.0f}x  (batch {n_anc}; target >= 500x)")
 
-    # ---- SFD iteration vs its isolated passes ----
+
+def sfd_ratio(cfg, shape, batch, repeats, device) -> None:
+    """SFD iteration vs its isolated passes, with the EDM configs' SiD levels where the backbone is EDM."""
     half = batch // 2  # remain + forget = batch images per network pass
     for batched in (True, False):
         sfd_cfg = copy.deepcopy(cfg)
         sfd_cfg["method"] = "sfd"
         sfd_cfg["training"]["batch_size"] = half
         sfd_cfg["sfd"]["batched"] = batched
+        if cfg["model"]["arch"] == "songunet":  # the EDM configs' SiD settings (cifar10_edm_sfd.yaml)
+            sfd_cfg["sfd"].update(t_min=0, t_max=800, fake_score_levels="pretrain")
         teacher = build_network(cfg)
         method = SFD(sfd_cfg, Dist(device=device), networks=(teacher, copy.deepcopy(teacher), copy.deepcopy(teacher)))
         step = [0]
@@ -125,11 +140,11 @@ def isolated_passes(method: SFD, n: int, shape, device, repeats: int) -> float:
     """Sum of the network passes one SFD iteration needs, each timed alone on n = remain + forget images."""
     gen, fake, teacher = method.generator, method.fake_frozen, method.teacher
     label = torch.randint(0, 10, (n,), device=device)
-    t = torch.randint(38, 712, (n,), device=device)
+    t = method._t(n, False, False)
 
     def gen_forward_nograd():
         with torch.no_grad():
-            one_step(gen, label, torch.randn(n, *shape, device=device), 440)
+            one_step(gen, label, torch.randn(n, *shape, device=device), method.t_init)
 
     def fake_dsm_forward_backward():
         with torch.no_grad():
@@ -137,7 +152,7 @@ def isolated_passes(method: SFD, n: int, shape, device, repeats: int) -> float:
         fake_score_loss(method.fake_train, x, label, t, torch.randn_like(x)).mean().backward()
 
     def generator_step_passes():
-        x_g = one_step(gen, label, torch.randn(n, *shape, device=device), 440)
+        x_g = one_step(gen, label, torch.randn(n, *shape, device=device), method.t_init)
         method.fake_net.requires_grad_(False)
         generator_loss(teacher, fake, x_g, t, torch.randn_like(x_g), label, label, 1.2).mean().backward()
         method.fake_net.requires_grad_(True)
@@ -147,7 +162,8 @@ def isolated_passes(method: SFD, n: int, shape, device, repeats: int) -> float:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--size", type=click.Choice(["both", "builtin", "cifar10"]), default="both")
+@click.option("--size", type=click.Choice(["both", "all", *SIZES]), default="both",
+              help="both = builtin and cifar10 (DDPM UNet); all = also the EDM SongUNet sizes")
 @click.option("--batch", type=click.IntRange(min=2), default=None, help="[default: 64 builtin, 16 cifar10 on CPU, 128 on GPU]")
 @click.option("--repeats", type=click.IntRange(min=1), default=5)
 @click.option("--ancestral-steps", type=click.IntRange(1, 1000), default=None,
@@ -156,9 +172,10 @@ def main(size, batch, repeats, ancestral_steps):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in (["builtin", "cifar10"] if size == "both" else [size]):
-        b = batch or (128 if device.type == "cuda" else {"builtin": 64, "cifar10": 16}[name])
-        steps = ancestral_steps or (1000 if device.type == "cuda" else {"builtin": 100, "cifar10": 10}[name])
+    for name in {"both": ["builtin", "cifar10"], "all": list(SIZES)}.get(size, [size]):
+        small = name.startswith("builtin")
+        b = batch or (128 if device.type == "cuda" else 64 if small else 16)
+        steps = ancestral_steps or (1000 if device.type == "cuda" else 100 if small else 10)
         bench_size(name, b, repeats, steps, device)
 
 

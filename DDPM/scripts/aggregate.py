@@ -2,7 +2,8 @@
 """Collect the rows written by the paper-table scripts into one markdown table beside SPEC section 7.
 
 Reads OUT/<row>/ua.json and OUT/<row>/fid.json (evaluate.py) for the rows pretrained, sfd, retrain,
-sa, salun, esd (missing rows are listed as not run) and writes OUT/table.md (and prints it). The
+sa, salun, esd (missing rows are listed as not run), and the EDM rows edm_teacher, edm_sid, edm_sfd
+when they were run, and writes OUT/table.md (and prints it). The
 reference columns are the authors' own CIFAR-10 numbers (class 0 forgotten, FID on classes 1-9
 against their 45k training images); they are comparable only with DATASET=cifar10 at real scale
 and FID_FEATURES=inception. Rows with OUT/<row>/attack.json (evaluate.py attack, run by the scripts
@@ -18,6 +19,9 @@ import click
 
 ROWS = [("pretrained", "pretrained DDPM"), ("sfd", "SFD one-step"), ("retrain", "Retrain"),
         ("sa", "Selective Amnesia"), ("salun", "SalUn"), ("esd", "ESD")]
+# EDM backbone (scripts/edm_*.sh): listed only when run; the authors report no class-forgetting
+# reference numbers for them (EDM's teacher FID 1.79 and SiD's 1.71 are over all ten classes).
+EDM_ROWS = [("edm_teacher", "EDM teacher (Heun-18)"), ("edm_sid", "SiD one-step (EDM)"), ("edm_sfd", "SFD one-step (EDM)")]
 # SPEC section 7: (guidance, IS, FID, precision, recall); SA has no reference number.
 REFERENCE = {"pretrained": (0, 9.07, 4.84, 0.692, 0.553), "sfd": (0, 9.53, 5.32, 0.659, 0.547),
              "retrain": (0, 8.34, 7.94, 0.642, 0.520), "esd": (2, 9.78, 12.68, 0.771, 0.385),
@@ -30,7 +34,7 @@ def _fmt(v, digits=3):
 
 def collect(out: Path) -> list[dict]:
     rows = []
-    for key, name in ROWS:
+    for key, name in ROWS + [(k, n) for k, n in EDM_ROWS if (out / k).exists()]:
         ua_path, fid_path = out / key / "ua.json", out / key / "fid.json"
         row = {"row": key, "name": name, "ran": ua_path.exists() and fid_path.exists()}
         if row["ran"]:

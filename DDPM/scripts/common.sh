@@ -17,6 +17,9 @@
 #   GUIDANCE          classifier-free guidance of the baselines' samples (SPEC 7: ESD/SalUn 2)  [2]
 #   FID_FEATURES      inception (the paper's FID) or classifier (features of $CLASSIFIER) [inception]
 #   INCEPTION_WEIGHTS local FID Inception weights for offline use (optional)
+#   EDM_TEACHER       EDM rows: EDM network (convert_edm.py of NVIDIA's edm-cifar10-32x32-cond-vp.pkl,
+#                     see the README); empty = pretrain configs/${DATASET}_edm_train.yaml into $OUT/edm_teacher
+#   EDM_STEPS         Heun steps of the EDM teacher's samples (2 * steps - 1 NFE)          [18]
 #   ATTACKS           1 = also run evaluate.py attack on each row's model into ROW/attack.json; 0 = skip [1]
 #   ATTACK_ARGS       extra evaluate.py attack options, e.g. "--budgets 0,10,50 --n 64"
 #   TEACHER_ARGS, METHOD_ARGS, FISHER_ARGS, CLASSIFIER_ARGS   extra arguments (KEY=VALUE overrides for
@@ -36,6 +39,8 @@ DDPM_STEPS=${DDPM_STEPS:-100}
 GUIDANCE=${GUIDANCE:-2}
 FID_FEATURES=${FID_FEATURES:-inception}
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
+EDM_TEACHER=${EDM_TEACHER:-}
+EDM_STEPS=${EDM_STEPS:-18}
 ATTACKS=${ATTACKS:-1}
 read -r -a ATTACK_ARGS <<< "${ATTACK_ARGS:-}"
 read -r -a TEACHER_ARGS <<< "${TEACHER_ARGS:-}"
@@ -66,6 +71,16 @@ ensure_teacher() {
         TEACHER=$(newest_snapshot "$OUT/teacher")
     fi
     echo "teacher: $TEACHER"
+}
+
+ensure_edm_teacher() {
+    if [ -z "$EDM_TEACHER" ]; then
+        if ! ls "$OUT"/edm_teacher/train/*/network-*.safetensors > /dev/null 2>&1; then
+            launch train.py --config "configs/${DATASET}_edm_train.yaml" --outdir "$OUT/edm_teacher/train" "${TEACHER_ARGS[@]}"
+        fi
+        EDM_TEACHER=$(newest_snapshot "$OUT/edm_teacher/train")
+    fi
+    echo "EDM teacher: $EDM_TEACHER"
 }
 
 ensure_classifier() {

@@ -3,7 +3,9 @@
 Modules, one idea each:
   diffusion    - the VP schedule and the one denoiser interface every loss and sampler uses (VP or EDM)
   networks     - the class-conditional eps-prediction UNet (diffusers UNet2DModel)
-  samplers     - ancestral DDPM, DDIM and the one-step generator, with per-seed noise streams
+  edm, networks_edm, edm_pickle - the EDM backbone: sigma-space noise process, DDPM++ SongUNet with
+                 EDM preconditioning, and the restricted reader of NVIDIA's network pickles
+  samplers     - ancestral DDPM, DDIM, EDM's Heun sampler and the one-step generator, per-seed noise streams
   data         - CIFAR-10, STL-10, MNIST and the built-in procedural dataset; remain/forget splits
   config       - YAML configs with a typed schema, command-line overrides
   checkpoints  - safetensors weights with their config, training states, atomic writes

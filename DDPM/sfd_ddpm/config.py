@@ -61,8 +61,9 @@ SCHEMA: dict = {
                             "networks, fed zeros when sampling; 0 = none)"),
     },
     "edm": {
-        "precond": K("vp", "songunet preconditioning: vp (VPPrecond, as NVIDIA's CIFAR-10 teachers) or edm "
-                           "(EDMPrecond: c_skip, c_out, c_in, c_noise of Karras et al., Table 1)"),
+        "precond": K("edm", "songunet preconditioning: edm (EDMPrecond: c_skip, c_out, c_in, c_noise of Karras et "
+                            "al., Table 1; config F, NVIDIA's released CIFAR-10 networks) or vp (VPPrecond, "
+                            "Song et al.'s VP formulation)"),
         "sigma_min": K(0.002, "smallest sigma of the sampler and of the rho-schedule"),
         "sigma_max": K(80.0, "largest sigma of the sampler and of the rho-schedule"),
         "rho": K(7.0, "rho of the schedule sigma(u) = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho"),

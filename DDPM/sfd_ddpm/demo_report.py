@@ -18,6 +18,7 @@ from .metrics.ua import evaluate_ua
 from .samplers import image_seed, nfe, sample
 
 TEACHER_SAMPLER = {"sampler": "ddim", "eta": 0.0, "guidance": 2.0, "clip_x0": True}
+EDM_TEACHER_SAMPLER = {"sampler": "edm", "guidance": 2.0}  # EDM's Heun sampler (2 * steps - 1 NFE)
 
 
 def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0.0, guidance: float = 0.0,
@@ -29,7 +30,7 @@ def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0
     shape = (d["channels"], d["image_size"], d["image_size"])
     labels = torch.arange(d["n_classes"]).repeat_interleave(per_class)
     seeds = [image_seed(seed, int(c), i % per_class) for i, c in enumerate(labels)]
-    kw = dict(steps=steps, eta=eta, guidance=guidance, clip_x0=clip_x0, t_init=cfg["sfd"]["t_init"])
+    kw = dict(steps=steps, eta=eta, guidance=guidance, clip_x0=clip_x0, t_init=den.schedule.generator_level(cfg["sfd"]))
     sample(den, sampler, labels[:2], seeds[:2], shape, **kw)  # warm-up, not timed
     start = time.perf_counter()
     x = torch.cat([sample(den, sampler, labels[k:k + 500], seeds[k:k + 500], shape, **kw)
@@ -116,12 +117,12 @@ def curve_picture(points: list[dict], path: Path, forget: int, override: int) ->
 
 
 def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_run: Path, clf_path: Path, forget: int, override: int,
-                        budget: dict, seconds: dict, t_all: float) -> dict:
+                        budget: dict, seconds: dict, t_all: float, teacher_sampler: dict = TEACHER_SAMPLER) -> dict:
     t0 = time.perf_counter()
     per_class = budget["per_class"]
     sfd_ckpt = sorted(sfd_run.glob("network-*.safetensors"))[-1]
-    steps = budget["ddim_steps"]
-    x_t, y, rate_t, nfe_t = generate(teacher_ckpt, per_class, steps=steps, **TEACHER_SAMPLER)
+    steps = budget["edm_steps" if teacher_sampler["sampler"] == "edm" else "ddim_steps"]
+    x_t, y, rate_t, nfe_t = generate(teacher_ckpt, per_class, steps=steps, **teacher_sampler)
     x_s, _, rate_s, nfe_s = generate(sfd_ckpt, per_class, "one_step")
     for name, x in (("teacher", x_t), ("sfd", x_s)):
         save_images(x, y.tolist(), [i % per_class for i in range(len(y))], out / "samples" / name)
@@ -135,7 +136,7 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_run: Path, clf_path: 
     points = learning_curve(sfd_run, teacher_ckpt, clf, forget, override, ref, budget["curve_per_class"])
     seconds["evaluation"] = time.perf_counter() - t0
 
-    teacher_desc = f"teacher: DDIM-{steps}, guidance w={TEACHER_SAMPLER['guidance']} ({nfe_t} NFE)"
+    teacher_desc = f"teacher: {teacher_sampler['sampler'].upper()}-{steps}, guidance w={teacher_sampler['guidance']} ({nfe_t} NFE)"
     comparison_picture(x_t, x_s, per_class, out / "comparison.png", teacher_desc, "SFD one-step generator (1 NFE)")
     curve_picture(points, out / "curve.png", forget, override)
     seconds_total = time.perf_counter() - t_all
@@ -153,7 +154,7 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_run: Path, clf_path: 
         "details": {"teacher": m_t, "sfd": m_s, "curve": points},
         "settings": {
             "images_per_class": per_class, "reference_images_per_class": budget["ref_per_class"],
-            "teacher_sampler": {**TEACHER_SAMPLER, "steps": steps}, "sfd_sampler": {"sampler": "one_step"},
+            "teacher_sampler": {**teacher_sampler, "steps": steps}, "sfd_sampler": {"sampler": "one_step"},
             "teacher_checkpoint": str(teacher_ckpt), "teacher_sha256": file_hash(teacher_ckpt),
             "sfd_checkpoint": str(sfd_ckpt), "sfd_sha256": file_hash(sfd_ckpt),
             "sfd_config": json.loads((sfd_run / "config.json").read_text())["sfd"],

@@ -22,6 +22,7 @@ class VPSchedule:
 
     Timesteps are integer indices 0..T-1, as in Ho et al. and the authors' code.
     """
+    samplers, default_sampler = ("ddpm", "ddim", "one_step"), "ddim"
 
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000,
                  kind: str = "linear"):

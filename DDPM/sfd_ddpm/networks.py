@@ -70,9 +70,16 @@ class ClassConditionalUNet(nn.Module):
         return out
 
 
-def build_network(cfg: dict) -> ClassConditionalUNet:
-    """Build the UNet described by a resolved config (``cfg['model']`` and ``cfg['data']``)."""
+def build_network(cfg: dict) -> nn.Module:
+    """Build the network described by a resolved config (``cfg['model']`` and ``cfg['data']``):
+    ``model.arch`` unet2d (this module) or songunet (:mod:`sfd_ddpm.networks_edm`)."""
     m, d = cfg["model"], cfg["data"]
+    arch = m.get("arch", "unet2d")  # configs saved before the key existed are unet2d
+    if arch == "songunet":
+        from .networks_edm import build_songunet
+        return build_songunet(cfg)
+    if arch != "unet2d":
+        raise ValueError(f"model.arch must be unet2d or songunet, got {arch!r}")
     return ClassConditionalUNet(
         image_size=d["image_size"], channels=d["channels"], n_classes=d["n_classes"],
         base_channels=m["base_channels"], channel_mult=list(m["channel_mult"]),

@@ -36,3 +36,27 @@ class GaussianClassScore(nn.Module):
         a, b = self.sched.a(t)[:, None], self.sched.b(t)[:, None]
         eps = b * (flat - a * self.means[label]) / (a * a * self.log_var[label].exp() + b * b)
         return eps.view_as(x)
+
+
+class EDMGaussianClassDenoiser(nn.Module):
+    """Exact EDM denoiser for x0 | c ~ N(m_c, diag(v_c)): D(x; sigma, c) = (v_c x + sigma^2 m_c) / (v_c + sigma^2).
+
+    The sigma-space twin of :class:`GaussianClassScore` (same parameters, same uses: exact teacher,
+    trainable fake score, one-step generator G(z, c) = D(sigma_init z; sigma_init, c), a per-class Gaussian).
+    """
+
+    def __init__(self, means: torch.Tensor, s: float):
+        super().__init__()
+        means = torch.cat([means, means.mean(0, keepdim=True)])
+        self.means = nn.Parameter(means.clone())
+        self.log_var = nn.Parameter(torch.full_like(means, math.log(s * s)))
+        self.n_classes = means.shape[0] - 1
+
+    @property
+    def null_label(self) -> int:
+        return self.n_classes
+
+    def forward(self, x, sigma, label):
+        flat, s2 = x.flatten(1), sigma.view(-1, 1) ** 2
+        v = self.log_var[label].exp()
+        return ((v * flat + s2 * self.means[label]) / (v + s2)).view_as(x)

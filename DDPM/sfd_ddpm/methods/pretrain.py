@@ -27,6 +27,9 @@ class Pretrain:
         self.net = wrap(net, dist)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=tr["lr"], betas=tuple(tr["betas"]), eps=tr["adam_eps"])
         self.denoiser = Denoiser(self.net, self.schedule, unwrap(self.net).null_label)
+        if tr["label_dropout"] > 0 and self.denoiser.null_label is None:
+            raise ValueError("training.label_dropout > 0 needs a network with a null class: set model.null_class=true "
+                             "(or training.label_dropout=0)")
         d = cfg["data"]
         dataset = load_dataset(d["dataset"], d["root"], d["image_size"], "train", d["download"], d["builtin_per_class"])
         if exclude_classes:  # retraining without the forget classes
@@ -46,7 +49,8 @@ class Pretrain:
             flip = torch.rand(x0.shape[0], device=dev) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         drop = torch.rand(x0.shape[0], device=dev) < tr["label_dropout"]
-        label = torch.where(drop, torch.full_like(label, self.denoiser.null_label), label)
+        if self.denoiser.null_label is not None:  # else label_dropout is 0 (checked at the start)
+            label = torch.where(drop, torch.full_like(label, self.denoiser.null_label), label)
         t = self.schedule.sample_train(x0.shape[0], dev)
         loss = eps_loss(self.denoiser, x0, label, t, torch.randn_like(x0)).mean()
         self.opt.zero_grad(set_to_none=True)
