@@ -213,7 +213,8 @@ def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, attac
     total = time.perf_counter() - t_all
     report = {"forget_class": 0, "iters": iters, "batch": batch, "images_per_class": per_class,
               "reference_images_per_class": 8 if quick else 100, "jobs": jobs, "quick": quick,
-              "skipped": skipped, "attack_settings": attack_cfg, "attack_wall_seconds": attack_seconds if attack_cfg else None, "teacher": str(teacher), "classifier": str(clf_path), "seconds": total, "rows": rows}
+              "skipped": skipped, "attack_settings": attack_cfg,
+              "attack_wall_seconds": attack_seconds if attack_cfg else None, "teacher": str(teacher), "classifier": str(clf_path), "seconds": total, "rows": rows}
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "compare.md").write_text(md)

@@ -264,7 +264,8 @@ def fid_cmd(images, prompt_files, label, prompt_set, out, reference_images, orig
 @device_options
 @clean_errors
 def attack_cmd(network, sd_model, revision, t_init, resolution, prompt, concept, forget, names, template, tokens, steps,
-               attack_batch, lr, objective, latent_weight, attack_seed, paraphrases, seeds, recognizer, threshold, label, images_out, out,
+               attack_batch, lr, objective, latent_weight, attack_seed, paraphrases, seeds, recognizer, threshold, label,
+               images_out, out,
                clip_model, clip_revision, device, batch):
     """White-box attacks on the one-step generator: a soft-prompt attack (tokens appended to the forget prompt,
     optimised so CLIP rates the image as the concept) and a paraphrase check (no gradient), judged on
