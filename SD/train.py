@@ -107,6 +107,10 @@ FILE = click.Path(exists=True, dir_okay=False)
 @option("--run-dir", group="I/O", type=click.Path(file_okay=False), default=None, help="Use this run dir instead of a new numbered one.")
 @option("--resume", group="I/O", type=click.Path(exists=True), default=None, metavar="PT|DIR",
         help="Training state file (or a run dir: its latest state) to continue from.")
+@option("--keep-states", group="I/O", type=click.IntRange(min=0), default=2, metavar="K",
+        help="Training states kept on disk: the newest K (0 = all). Snapshots are all kept.")
+@option("--report-to", group="I/O", type=click.Choice(["none", "tensorboard"]), default="none",
+        help="Also log numbers and grids to TensorBoard (<run dir>/tensorboard; needs `pip install tensorboard`).")
 @option("--dry-run", "-n", group="I/O", is_flag=True, default=False, help="Print the resolved config and exit.")
 def main(dry_run: bool, adam_beta1: float, adam_beta2: float, **kwargs) -> None:
     """Train a one-step SD generator that forgets a concept (SFD, SPEC section 3)."""

@@ -75,6 +75,8 @@ class TrainConfig:
     desc: str | None = None
     run_dir: str | None = None
     resume: str | None = None
+    keep_states: int = 2  # newest training states kept (0 = all); see disk.py
+    report_to: str = "none"  # "tensorboard": event files beside log.jsonl
     # Filled in by resolve()
     resolved: dict = field(default_factory=dict)
 

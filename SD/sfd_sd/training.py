@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from . import checkpoints, distributed, images, models
+from . import checkpoints, disk, distributed, images, models, reporting
 from .config import ConfigError, TrainConfig, new_run_dir
 from .denoiser import GuidedDenoiser, PromptEncoder, VPSchedule, one_step_generate
 from .losses import clean_gradients_, fake_score_loss, masked_sum, sid_generator_loss
@@ -199,13 +200,16 @@ class GridRenderer:
                               for s in range(cols)]).to(device)
 
     @torch.no_grad()
-    def render(self, generator: GuidedDenoiser, run_dir: Path, nimg: int) -> None:
+    def render(self, generator: GuidedDenoiser, run_dir: Path, nimg: int) -> dict[str, torch.Tensor]:
+        """Write grid-<name>-<nimg>.png for each row set; returns the grids (H, W, 3 uint8) by name."""
+        grids = {}
         for name, prompts in self.rows.items():
             outs = []
             for p in prompts:
                 lat = one_step_generate(generator, self.z, [p] * self.cols, self.t_init)
                 outs.append(images.decode_latents(self.vae, lat))
-            images.save_grid(torch.cat(outs), len(prompts), run_dir / f"grid-{name}-{nimg:09d}.png")
+            grids[name] = images.save_grid(torch.cat(outs), len(prompts), run_dir / f"grid-{name}-{nimg:09d}.png")
+        return grids
 
 
 def _to(module, device, dtype):
@@ -227,6 +231,7 @@ def _load_everything(cfg: TrainConfig, dist: distributed.Dist, precision: str):
 def train(cfg: TrainConfig) -> Path:
     """Run SFD training as configured; returns the run directory."""
     cfg.check()
+    reporting.check_available(cfg.report_to)
     models.check_model_source(cfg.sd_model)
     sampler, val_prompts, bare_forget = build_prompt_sampler(cfg)  # fail on bad prompts before loading
     dist = distributed.init(cfg.device)
@@ -244,9 +249,7 @@ def train(cfg: TrainConfig) -> Path:
         resume_state = checkpoints.load_training_state(path)
 
     run_dir = dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision)) if dist.is_main else None)
-    run_dir = Path(run_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)  # created only after the free-space check below
 
     parts, gen_unet = _load_everything(cfg, dist, precision)
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -307,6 +310,13 @@ def train(cfg: TrainConfig) -> Path:
     total_img = max(int(round(cfg.duration_kimg * 1000)), 1)
     tick_img, snap_img, state_img = (max(int(round(k * 1000)), 1)
                                      for k in (cfg.tick_kimg, cfg.snap_kimg, cfg.state_kimg))
+    plan = disk.DiskPlan(disk.state_bytes([fake_unet, gen_unet], ema_unet), disk.param_bytes(gen_unet),
+                         states=disk.count_crossings(cur_nimg, total_img, state_img),
+                         snapshots=disk.count_crossings(cur_nimg, total_img, snap_img), keep=cfg.keep_states)
+    disk.check_free_space(run_dir, plan)  # before anything is written
+    if dist.is_main:
+        print(plan.describe(), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     cfg.resolved = dict(run_dir=str(run_dir), world_size=dist.world_size, precision=precision,
                         per_gpu_batch=per_gpu, micro_batch=micro, accumulation_rounds=rounds,
@@ -327,7 +337,7 @@ def train(cfg: TrainConfig) -> Path:
         info = dict(t_init=cfg.t_init, sd_model=cfg.sd_model, revision=cfg.revision, images_seen=nimg,
                     alpha=cfg.alpha, ema=ema_unet is not None, resolution=cfg.resolution)
         checkpoints.save_generator_snapshot(net, run_dir / f"network-snapshot-{nimg:09d}", info)
-        grids.render(sample_net(), run_dir, nimg)
+        reporter.images(grids.render(sample_net(), run_dir, nimg), nimg)
 
     def save_state(nimg: int) -> None:
         rng = dist.gather_objects({"prompt": prompt_gen.get_state(), "noise": noise_gen.get_state().cpu()})
@@ -344,22 +354,27 @@ def train(cfg: TrainConfig) -> Path:
                      scaler_fake=scaler_fake.state_dict(), scaler_gen=scaler_gen.state_dict(),
                      cur_nimg=nimg, rng=rng, config=json.dumps(cfg.to_json()))
         checkpoints.atomic_torch_save(state, run_dir / f"training-state-{nimg:09d}.pt")
+        disk.rotate_states(run_dir, cfg.keep_states)  # after the new one is complete
 
     if dist.is_main:
         checkpoints.atomic_write_json(run_dir / "config.json", cfg.to_json())
         checkpoints.atomic_write_json(run_dir / "grid-prompts.json", grids.rows)
         print(f"SFD run dir: {run_dir}  ({dist.world_size} process(es), {precision}, "
               f"batch {cfg.batch} = {dist.world_size} x {rounds} x {micro})", flush=True)
-        if resume_state is None:
-            grids.render(sample_net(), run_dir, 0)
+    reporter = reporting.make_reporter(cfg.report_to, run_dir, dist.is_main)
+    if dist.is_main and resume_state is None:
+        reporter.images(grids.render(sample_net(), run_dir, 0), 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     acc = {k: 0.0 for k in LOSS_NAMES}
     acc_iters, tick_start, tick_nimg = 0, time.time(), cur_nimg
     start_nimg = cur_nimg
+    bar = tqdm(total=total_img, initial=cur_nimg, disable=not dist.is_main, desc="SFD", unit="img",
+               dynamic_ncols=True)
     while cur_nimg < total_img:
         losses = step(cur_nimg)
+        bar.update(cfg.batch)
         prev, cur_nimg = cur_nimg, cur_nimg + cfg.batch
         for k in LOSS_NAMES:
             acc[k] += losses[k]
@@ -377,8 +392,10 @@ def train(cfg: TrainConfig) -> Path:
             if dist.is_main:
                 with open(run_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in rec.items() if k != "time"), flush=True)
+                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in rec.items() if k != "time"))
+                bar.set_postfix({k.removeprefix("loss_"): f"{rec[k]:.4g}" for k in LOSS_NAMES})
+                reporter.scalars(rec, cur_nimg)
             if any(not math.isfinite(v) for v in vals.tolist()):
                 print("warning: non-finite mean loss in this tick (NaN samples were dropped)", flush=True)
             acc = {k: 0.0 for k in LOSS_NAMES}
@@ -388,6 +405,8 @@ def train(cfg: TrainConfig) -> Path:
         if _crossed(prev, cur_nimg, state_img) or done:
             save_state(cur_nimg)
         dist.barrier()
+    bar.close()
+    reporter.close()
     if dist.is_main and cur_nimg == start_nimg:
         print(f"nothing to do: {cur_nimg} images seen already >= duration {total_img}", flush=True)
     return run_dir
