@@ -14,8 +14,8 @@ Both report, per budget (gradient steps), the attack success rate (attacked samp
 labels as the forget class) and the mean p(forget). Everything is written against the Denoiser and
 sampler interfaces; :func:`run_attacks` runs the set used by ``evaluate.py attack`` and ``compare.py``.
 """
-from .search import (ATTACKS, Sampling, default_sampling, embedding_override, embedding_search, label_embedding_table, noise_search,
-                     render, run_attacks)
+from .search import (ATTACKS, Sampling, attack_checkpoint, default_sampling, embedding_override, embedding_search,
+                     label_embedding_table, noise_search, render, run_attacks)
 
-__all__ = ["ATTACKS", "Sampling", "default_sampling", "embedding_override", "embedding_search", "label_embedding_table", "noise_search",
-           "render", "run_attacks"]
+__all__ = ["ATTACKS", "Sampling", "attack_checkpoint", "default_sampling", "embedding_override", "embedding_search",
+           "label_embedding_table", "noise_search", "render", "run_attacks"]

@@ -33,7 +33,7 @@ class Sampling:
     steps: int = 10
     guidance: float = 0.0
     clip_x0: bool = False
-    t_init: int = 440
+    t_init: float = 440  # the one-step generator's level (VP: t*; EDM: sigma_init)
 
     def __post_init__(self):
         if self.sampler not in ("one_step", "ddim"):
@@ -246,12 +246,13 @@ def run_attacks(denoiser: Denoiser, classifier, forget: int, sampling: Sampling,
     return {"attacks": out, "at_budget": last, "embedding_best": best}
 
 
-def default_sampling(kind: str, cfg: dict, steps: int = 10) -> Sampling:
+def default_sampling(kind: str, cfg: dict, steps: int = 10, schedule=None) -> Sampling:
     """What each kind of checkpoint is attacked through: an SFD/SiD generator through its one-step map,
     a DDPM-kind model through the evaluation sampler of the comparison (DDIM, guidance 2, x0 clipped)
     shortened to ``steps``."""
     if kind == "sfd":
-        return Sampling("one_step", t_init=int(cfg.get("sfd", {}).get("t_init", 440)))
+        level = getattr(schedule, "generator_level", None)
+        return Sampling("one_step", t_init=level(cfg["sfd"]) if level else int(cfg.get("sfd", {}).get("t_init", 440)))
     return Sampling("ddim", steps=steps, guidance=2.0, clip_x0=True)
 
 
@@ -269,7 +270,8 @@ def attack_checkpoint(ckpt, classifier, forget: int, *, network: str | None = No
 
     path = resolve_checkpoint(ckpt)
     net, cfg, meta = load_network(path, name=network, device=device)
-    base = default_sampling(meta["kind"], cfg, steps)
+    denoiser = denoiser_for(net, cfg)
+    base = default_sampling(meta["kind"], cfg, steps, denoiser.schedule)
     if sampler not in ("auto", base.sampler):
         base = Sampling(sampler, steps=steps, t_init=base.t_init)
     sampling = Sampling(base.sampler, steps=steps, t_init=base.t_init,
@@ -277,7 +279,7 @@ def attack_checkpoint(ckpt, classifier, forget: int, *, network: str | None = No
                         clip_x0=base.clip_x0 if clip_x0 is None else clip_x0)
     d = cfg["data"]
     shape = (d["channels"], d["image_size"], d["image_size"])
-    out = run_attacks(denoiser_for(net, cfg), classifier, forget, sampling, shape, **attack_kw)
+    out = run_attacks(denoiser, classifier, forget, sampling, shape, **attack_kw)
     out["checkpoint"] = {"path": str(path), "sha256": file_hash(path), "kind": meta["kind"], "step": meta["step"],
                          "network": network or "default (EMA)"}
     out["sampling"] = sampling.settings()
