@@ -16,6 +16,7 @@ import sys
 import click
 
 from sfd_sd.cli import GroupedCommand, option
+from sfd_sd.checkpoints import CheckpointError
 from sfd_sd.config import ConfigError, TrainConfig
 from sfd_sd.models import DEFAULT_SD_MODEL, ModelLoadError
 from sfd_sd.prompts import PromptError
@@ -106,7 +107,9 @@ FILE = click.Path(exists=True, dir_okay=False)
 @option("--desc", group="I/O", default=None, help="Name part of the run dir.")
 @option("--run-dir", group="I/O", type=click.Path(file_okay=False), default=None, help="Use this run dir instead of a new numbered one.")
 @option("--resume", group="I/O", type=click.Path(exists=True), default=None, metavar="PT|DIR",
-        help="Training state file (or a run dir: its latest state) to continue from.")
+        help="Training state file (or a run dir: its latest state) to continue from, in the same run dir.")
+@option("--allow-changed-settings", group="I/O", is_flag=True, default=False,
+        help="With --resume: continue although training settings differ from the state's (recorded in config.json).")
 @option("--dry-run", "-n", group="I/O", is_flag=True, default=False, help="Print the resolved config and exit.")
 def main(dry_run: bool, adam_beta1: float, adam_beta2: float, **kwargs) -> None:
     """Train a one-step SD generator that forgets a concept (SFD, SPEC section 3)."""
@@ -129,7 +132,7 @@ def main(dry_run: bool, adam_beta1: float, adam_beta2: float, **kwargs) -> None:
             train(cfg)
         finally:
             distributed.shutdown()
-    except (ConfigError, PromptError, ModelLoadError, FileNotFoundError) as exc:
+    except (ConfigError, PromptError, ModelLoadError, CheckpointError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

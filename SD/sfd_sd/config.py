@@ -75,6 +75,7 @@ class TrainConfig:
     desc: str | None = None
     run_dir: str | None = None
     resume: str | None = None
+    allow_changed_settings: bool = False
     # Filled in by resolve()
     resolved: dict = field(default_factory=dict)
 

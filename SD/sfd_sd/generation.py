@@ -55,6 +55,7 @@ class OneStepSampler:
             unet = UNet2DConditionModel.from_pretrained(network)
         except (OSError, ValueError) as exc:
             raise models.ModelLoadError(f"--network {str(network)!r}: {exc}") from exc
+        models.check_finite_weights(unet, f"--network {str(network)!r}")
         models.configure_unet(unet, "sdpa", False)
         self.vae = parts.vae.to(device)
         encoder = PromptEncoder(parts.tokenizer, parts.text_encoder.to(device), device)

@@ -33,6 +33,17 @@ class SDParts:
     scheduler_config: dict
 
 
+def check_finite_weights(module_or_state, source: str) -> None:
+    """Refuse weights with NaN/inf, naming the tensor (a NaN teacher would otherwise train on garbage)."""
+    from .checkpoints import CheckpointError, check_finite
+
+    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    try:
+        check_finite(state, source)
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
@@ -62,6 +73,9 @@ def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
         raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} "
                              f"(revision {revision!r}): {exc}") from exc
     scheduler = DDPMScheduler.from_config(sched_cfg)
+    for name, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        if module is not None:
+            check_finite_weights(module, f"{sd_model} {name}")
     text_encoder.requires_grad_(False).eval()
     if unet is not None:
         unet.requires_grad_(False).eval()
@@ -131,6 +145,7 @@ def load_generator_init(init: str, teacher_unet: torch.nn.Module, allow_pickle: 
     else:
         raise ModelLoadError(f"--init-generator {init!r}: expected 'teacher', a UNet folder or a .pkl file")
     _check_same_architecture(state, teacher_unet, f"--init-generator {init!r}")
+    check_finite_weights(state, f"--init-generator {init!r}")
     generator.load_state_dict(state)
     return generator
 

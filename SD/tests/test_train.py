@@ -112,11 +112,15 @@ def test_run_artefacts_and_exact_resume(tiny_sd_dir, tmp_path):
 
     res = invoke(base_args(tiny_sd_dir, tmp_path / "b", "--duration", "0.004", *extra))
     assert res.exit_code == 0, res.output
-    run_b1 = next((tmp_path / "b").glob("00000-*"))
-    res = invoke(base_args(tiny_sd_dir, tmp_path / "b", "--duration", "0.008", "--resume", str(run_b1), *extra))
+    run_b = next((tmp_path / "b").glob("00000-*"))
+    res = invoke(base_args(tiny_sd_dir, tmp_path / "b", "--duration", "0.008", "--resume", str(run_b), *extra))
     assert res.exit_code == 0, res.output
-    run_b2 = next((tmp_path / "b").glob("00001-*"))
-    a, b = _state(run_a, 8), _state(run_b2, 8)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [run_b.name]  # continued in the same run dir
+    log_b = [json.loads(line) for line in (run_b / "log.jsonl").read_text().splitlines()]
+    assert [r["images_seen"] for r in log_b] == [2, 4, 6, 8]
+    assert json.loads((run_b / "config.json").read_text())["resolved"]["resumes"] == [
+        {"images_seen": 4, "changed_settings": {}}]
+    a, b = _state(run_a, 8), _state(run_b, 8)
     for key in ("fake_score", "generator", "generator_ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     first = _state(run_a, 4)

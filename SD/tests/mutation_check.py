@@ -1,0 +1,109 @@
+"""Targeted mutation run over the SD method code (a small stand-in for mutmut on 2 shared cores).
+
+Each mutation breaks one line the way a slip would (operator, constant, argument, missing detach,
+swapped knob), is applied alone, and the fast tests run; a mutation that passes every test
+*survives*. Run from SD/:
+
+    ../.venv/bin/python tests/mutation_check.py            # all
+    ../.venv/bin/python tests/mutation_check.py omega      # those whose name contains "omega"
+
+Not collected by pytest (no ``test_`` prefix). The files are restored after each mutation, also on
+Ctrl-C.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SD = Path(__file__).resolve().parents[1]
+FAST_TESTS = ["tests/test_reference.py", "tests/test_units.py", "tests/test_checkpoints.py",
+              "tests/test_nonfinite.py", "tests/test_train.py", "-m", "not slow"]
+
+# (name, file, original text, mutated text)
+MUTATIONS = [
+    # losses.py
+    ("fake-loss: generator not stopped", "sfd_sd/losses.py", "add_noise(x_g.detach(), eps, t)", "add_noise(x_g, eps, t)"),
+    ("fake-loss: eps_hat + eps", "sfd_sd/losses.py", "(eps_hat - eps).square()", "(eps_hat + eps).square()"),
+    ("fake-loss: abs instead of square", "sfd_sd/losses.py", "(eps_hat - eps).square()", "(eps_hat - eps).abs()"),
+    ("fake-loss: mean instead of sum", "sfd_sd/losses.py", "square().flatten(1).sum(1)", "square().flatten(1).mean(1)"),
+    ("sid: omega not detached", "sfd_sd/losses.py", ".clamp_min(1e-5).detach()", ".clamp_min(1e-5)"),
+    ("sid: omega clamp 1e-1", "sfd_sd/losses.py", ".clamp_min(1e-5)", ".clamp_min(1e-1)"),
+    ("sid: omega from f_phi", "sfd_sd/losses.py", "omega = (f_psi - x_g)", "omega = (f_phi - x_g)"),
+    ("sid: omega sum not mean", "sfd_sd/losses.py", ".abs().flatten(1).mean(1)", ".abs().flatten(1).sum(1)"),
+    ("sid: alpha forced to 1", "sfd_sd/losses.py", "- alpha * diff", "- 1.0 * diff"),
+    ("sid: alpha sign", "sfd_sd/losses.py", "- alpha * diff", "+ alpha * diff"),
+    ("sid: (f_phi - x_g) term", "sfd_sd/losses.py", "((f_psi - x_g) - alpha", "((f_phi - x_g) - alpha"),
+    ("sid: multiply by omega", "sfd_sd/losses.py", "return per / omega", "return per * omega"),
+    ("sid: x_t without noise", "sfd_sd/losses.py", "add_noise(x_g, eps, t)", "add_noise(x_g, eps * 0, t)"),
+    ("sid: teacher at fake prompts", "sfd_sd/losses.py", "f_psi = teacher.x0(x_t, t, teacher_prompts", "f_psi = teacher.x0(x_t, t, fake_prompts"),
+    ("sid: teacher guidance = fake's", "sfd_sd/losses.py", "teacher_prompts, teacher_guidance,", "teacher_prompts, fake_guidance,"),
+    ("masked_sum: mean over kept", "sfd_sd/losses.py", "per_sample[keep].sum() / normaliser", "per_sample[keep].mean()"),
+    ("masked_sum: keeps NaN", "sfd_sd/losses.py", "keep = torch.isfinite(per_sample.detach())", "keep = torch.ones_like(per_sample, dtype=torch.bool)"),
+    ("clean: NaN left", "sfd_sd/losses.py", "nan=0.0, posinf", "nan=float('nan'), posinf"),
+    # terms.py
+    ("terms: teacher at c_f in forget", "sfd_sd/terms.py", "teacher=override,", "teacher=forget,"),
+    ("terms: fake always at c_o", "sfd_sd/terms.py", "fake_cond = override if g.sg_w_override else forget", "fake_cond = override"),
+    ("terms: kappa1 for fake eval", "sfd_sd/terms.py", "fake_guidance=g.kappa_fake_eval, teacher=cond", "fake_guidance=g.kappa_fake_train, teacher=cond"),
+    ("terms: teacher negative ignored", "sfd_sd/terms.py", "teacher_negative=_maybe(batch.negative, g.neg_teacher), teacher_guidance=g.kappa_teacher)\n", "teacher_negative=None, teacher_guidance=g.kappa_teacher)\n"),
+    ("terms: dropout not applied to generator", "sfd_sd/terms.py", "generator=_drop(forget, dropped)", "generator=forget"),
+    ("terms: dropout trigger ignores kappas", "sfd_sd/terms.py", "return self.dropout > 0 and any(", "return self.dropout > 0 or any("),
+    # denoiser.py
+    ("denoiser: cfg sign", "sfd_sd/denoiser.py", "eps_u + guidance * (eps_c - eps_u)", "eps_c + guidance * (eps_c - eps_u)"),
+    ("denoiser: chunk order", "sfd_sd/denoiser.py", "eps_u, eps_c = self._raw", "eps_c, eps_u = self._raw"),
+    ("denoiser: negative ignored", "sfd_sd/denoiser.py", "uncond = list(negative) if negative is not None else", "uncond = None if negative is not None else"),
+    ("denoiser: x0 with a", "sfd_sd/denoiser.py", "(x_t.float() - self.schedule.b(t, x_t) * eps) / self.schedule.a(t, x_t)", "(x_t.float() - self.schedule.a(t, x_t) * eps) / self.schedule.a(t, x_t)"),
+    ("denoiser: x_init = z", "sfd_sd/denoiser.py", "x_init = generator.schedule.b(t, z) * z", "x_init = z"),
+    ("denoiser: b = 1 - abar", "sfd_sd/denoiser.py", "self.b_table = (1 - abar).sqrt().float()", "self.b_table = (1 - abar).float()"),
+    ("denoiser: add_noise swapped", "sfd_sd/denoiser.py", "self.a(t, x0) * x0 + self.b(t, x0) * eps", "self.b(t, x0) * x0 + self.a(t, x0) * eps"),
+    ("denoiser: v-pred sign", "sfd_sd/denoiser.py", "self.schedule.b(t, x_t) * x_t.float() + self.schedule.a(t, x_t) * out", "self.schedule.a(t, x_t) * x_t.float() + self.schedule.b(t, x_t) * out"),
+    # checkpoints.py
+    ("ckpt: state written in place", "sfd_sd/checkpoints.py", "        torch.save(obj, tmp)\n        os.replace(tmp, path)", "        torch.save(obj, path)"),
+    ("ckpt: bytes written in place", "sfd_sd/checkpoints.py", "    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f\".{path.name}.\", suffix=\".tmp\")\n    try:\n        with os.fdopen(fd, \"wb\") as f:\n            f.write(data)\n        os.replace(tmp, path)", "    tmp = path\n    try:\n        with open(path, \"wb\") as f:\n            f.write(data)"),
+    ("ckpt: tmp not removed on failure", "sfd_sd/checkpoints.py", "    except BaseException:\n        Path(tmp).unlink(missing_ok=True)\n        raise\n\n\ndef save_generator", "    except BaseException:\n        raise\n\n\ndef save_generator"),
+    ("ckpt: snapshot removed before write", "sfd_sd/checkpoints.py", "    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f\".{folder.name}.\"))\n", "    shutil.rmtree(folder, ignore_errors=True)\n    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f\".{folder.name}.\"))\n"),
+    ("ckpt: latest = first", "sfd_sd/checkpoints.py", "return states[-1] if states", "return states[0] if states"),
+    # training.py (the SFD step)
+    ("step: t from [0, 1000)", "sfd_sd/training.py", "torch.randint(self.cfg.t_min, self.cfg.t_max,", "torch.randint(0, 1000,"),
+    ("step: forget weight = remain weight", "sfd_sd/training.py", "(\"gen_forget\", cfg.w_gen_forget)", "(\"gen_forget\", cfg.w_gen_remain)"),
+    ("step: phi forget weight = remain weight", "sfd_sd/training.py", "(\"fake_forget\", cfg.w_fake_forget)", "(\"fake_forget\", cfg.w_fake_remain)"),
+    ("step: norm clipping", "sfd_sd/training.py", "p.grad.clamp_(-self.cfg.grad_clip, self.cfg.grad_clip)", "torch.nn.utils.clip_grad_norm_([p], self.cfg.grad_clip)"),
+    ("step: alpha forced to 1", "sfd_sd/training.py", "alpha=cfg.alpha,", "alpha=1.0,"),
+    ("step: same eps as z", "sfd_sd/training.py", "        eps = torch.randn((n, *self.latent_shape), **kw)\n", "        eps = z\n"),
+    ("step: EMA inverted", "sfd_sd/training.py", "p_ema.copy_(p.detach().lerp(p_ema, beta))", "p_ema.copy_(p_ema.lerp(p.detach(), beta))"),
+    ("step: generator step sees old fake", "sfd_sd/training.py", "        losses = self.fake_step()\n        losses.update(self.generator_step())", "        losses = self.generator_step()\n        losses.update(self.fake_step())"),
+]
+
+
+def run_tests() -> tuple[bool, float]:
+    t0 = time.time()
+    tests = [a for a in FAST_TESTS if not a.endswith(".py") or (SD / a).is_file()]  # older checkouts lack some
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                         cwd=SD, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    return res.returncode == 0, time.time() - t0
+
+
+def main(select: str = "") -> int:
+    survivors = []
+    chosen = [m for m in MUTATIONS if select in m[0]]
+    for name, rel, old, new in chosen:
+        path = SD / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            print(f"SKIP  {name}: pattern found {text.count(old)} times in {rel}", flush=True)
+            continue
+        try:
+            path.write_text(text.replace(old, new))
+            passed, secs = run_tests()
+        finally:
+            path.write_text(text)
+        print(f"{'SURVIVED' if passed else 'killed  '} {name} ({secs:.0f}s)", flush=True)
+        if passed:
+            survivors.append(name)
+    print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} killed; survivors: {survivors}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ""))
