@@ -19,7 +19,7 @@ from pathlib import Path
 
 SD = Path(__file__).resolve().parents[1]
 FAST_TESTS = ["tests/test_reference.py", "tests/test_units.py", "tests/test_checkpoints.py",
-              "tests/test_nonfinite.py", "tests/test_train.py", "-m", "not slow"]
+              "tests/test_faults.py", "tests/test_generate.py", "tests/test_train.py", "-m", "not slow"]
 
 # (name, file, original text, mutated text)
 MUTATIONS = [
@@ -46,7 +46,7 @@ MUTATIONS = [
     ("terms: teacher at c_f in forget", "sfd_sd/terms.py", "teacher=override,", "teacher=forget,"),
     ("terms: fake always at c_o", "sfd_sd/terms.py", "fake_cond = override if g.sg_w_override else forget", "fake_cond = override"),
     ("terms: kappa1 for fake eval", "sfd_sd/terms.py", "fake_guidance=g.kappa_fake_eval, teacher=cond", "fake_guidance=g.kappa_fake_train, teacher=cond"),
-    ("terms: teacher negative ignored", "sfd_sd/terms.py", "teacher_negative=_maybe(batch.negative, g.neg_teacher), teacher_guidance=g.kappa_teacher)\n", "teacher_negative=None, teacher_guidance=g.kappa_teacher)\n"),
+    ("terms: teacher negative ignored", "sfd_sd/terms.py", "teacher=override,\n                       teacher_negative=_maybe(batch.negative, g.neg_teacher)", "teacher=override,\n                       teacher_negative=None"),
     ("terms: dropout not applied to generator", "sfd_sd/terms.py", "generator=_drop(forget, dropped)", "generator=forget"),
     ("terms: dropout trigger ignores kappas", "sfd_sd/terms.py", "return self.dropout > 0 and any(", "return self.dropout > 0 or any("),
     # denoiser.py
@@ -69,10 +69,21 @@ MUTATIONS = [
     ("step: forget weight = remain weight", "sfd_sd/training.py", "(\"gen_forget\", cfg.w_gen_forget)", "(\"gen_forget\", cfg.w_gen_remain)"),
     ("step: phi forget weight = remain weight", "sfd_sd/training.py", "(\"fake_forget\", cfg.w_fake_forget)", "(\"fake_forget\", cfg.w_fake_remain)"),
     ("step: norm clipping", "sfd_sd/training.py", "p.grad.clamp_(-self.cfg.grad_clip, self.cfg.grad_clip)", "torch.nn.utils.clip_grad_norm_([p], self.cfg.grad_clip)"),
-    ("step: alpha forced to 1", "sfd_sd/training.py", "alpha=cfg.alpha,", "alpha=1.0,"),
+    ("step: alpha forced to 1", "sfd_sd/training.py", "x_g, t, eps, alpha=cfg.alpha,", "x_g, t, eps, alpha=1.0,"),
     ("step: same eps as z", "sfd_sd/training.py", "        eps = torch.randn((n, *self.latent_shape), **kw)\n", "        eps = z\n"),
     ("step: EMA inverted", "sfd_sd/training.py", "p_ema.copy_(p.detach().lerp(p_ema, beta))", "p_ema.copy_(p_ema.lerp(p.detach(), beta))"),
-    ("step: generator step sees old fake", "sfd_sd/training.py", "        losses = self.fake_step()\n        losses.update(self.generator_step())", "        losses = self.generator_step()\n        losses.update(self.fake_step())"),
+    ("step: generator step sees old fake", "sfd_sd/training.py", "        losses = self.fake_step(cur_nimg)\n        gen = self.generator_step(cur_nimg)", "        gen = self.generator_step(cur_nimg)\n        losses = self.fake_step(cur_nimg)"),
+    # faults (issue 11 items 2-4)
+    ("nonfinite: all-NaN term passes", "sfd_sd/training.py", "if kept == 0 or not math.isfinite(value):", "if False:"),
+    ("nonfinite: NaN weights accepted", "sfd_sd/checkpoints.py", "value.is_floating_point() and not torch.isfinite(value).all()", "value.is_floating_point() and False"),
+    ("run: no lock", "sfd_sd/checkpoints.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass"),
+    ("run: leftovers kept", "sfd_sd/checkpoints.py", "            p.unlink(missing_ok=True)\n        elif", "            pass\n        elif"),
+    ("run: log not truncated", "sfd_sd/training.py", "if len(keep) != len(lines):", "if False:"),
+    ("resume: changed settings accepted", "sfd_sd/training.py", "if changed and not cfg.allow_changed_settings:", "if False:"),
+    ("resume: state not checked", "sfd_sd/checkpoints.py", "        state = torch.load(path, map_location=\"cpu\", weights_only=True)\n    except Exception", "        state = torch.load(path, map_location=\"cpu\", weights_only=True)\n    except ZeroDivisionError"),
+    ("generate: provenance ignored", "sfd_sd/generation.py", "        if differ:", "        if False:"),
+    ("generate: manifest not merged", "sfd_sd/generation.py", "rows = {r[\"path\"]: r for r in (previous or {}).get(\"images\", [])}", "rows = {}"),
+    ("generate: orphan images adopted", "sfd_sd/generation.py", "    if any(out.glob(\"*/*.png\")):", "    if False:"),
 ]
 
 

@@ -277,3 +277,29 @@ def test_ema_moves_towards_the_generator_by_the_half_life(tiny_parts):
     beta = 0.5 ** (8 / 0.8)
     for p_ema, p0, p in zip(ema.parameters(), before, gen.parameters()):
         assert torch.allclose(p_ema, beta * p0 + (1 - beta) * p.detach(), atol=1e-6)
+
+
+def test_sid_loss_omega_floor_and_per_sample_normalisation():
+    """Stand-in denoisers with known x0: omega = mean|f_psi - x_g| per sample, floored at 1e-5 (not
+    more), and the loss of each sample is divided by its own omega."""
+    from sfd_sd.denoiser import VPSchedule
+    from sfd_sd.losses import sid_generator_loss
+
+    sch = VPSchedule(abar_sd())
+
+    class Known:
+        def __init__(self, offset):
+            self.schedule, self.offset = sch, offset
+
+        def x0(self, x_t, t, prompts, guidance=1.0, negative=None):
+            return x_g.detach() + self.offset
+
+    x_g = torch.randn(2, *SHAPE)
+    close = torch.zeros(2, *SHAPE)
+    close[0], close[1] = 1e-7, 0.5  # sample 0: |f_psi - x_g| below the floor; sample 1: 0.5
+    fake_off = torch.full((2, *SHAPE), 0.25)
+    per = sid_generator_loss(Known(close), Known(fake_off), x_g, torch.tensor([100, 200]), torch.zeros_like(x_g),
+                             teacher_prompts=["a", "b"], fake_prompts=["a", "b"], alpha=1.2)
+    diff = close - fake_off
+    want = (diff * (close - 1.2 * diff)).flatten(1).sum(1) / torch.tensor([1e-5, 0.5])
+    assert torch.allclose(per, want, rtol=1e-5)
