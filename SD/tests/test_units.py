@@ -147,17 +147,25 @@ def test_keyword_augmentation_before_or_after():
 
 
 def test_prompt_dropout_rate_and_routing():
-    from sfd_sd.prompts import RemainBatch, dropout_mask
+    from sfd_sd.prompts import ForgetBatch, RemainBatch, dropout_mask
     from sfd_sd.terms import GuidanceSettings, route
 
     mask = dropout_mask(20000, 0.1, torch.Generator().manual_seed(0))
     assert 0.09 < sum(mask) / 20000 < 0.11  # 10% +- > 4 sigma
+    # the authors' trigger: the fake score's own guidance (kappa1 or kappa2), not the teacher's kappa4
     assert GuidanceSettings().dropout_active
     assert not GuidanceSettings(kappa_fake_train=1, kappa_fake_eval=1, kappa_teacher=1).dropout_active
-    assert GuidanceSettings(kappa_fake_train=1, kappa_fake_eval=1, kappa_teacher=2).dropout_active
+    assert not GuidanceSettings(kappa_fake_train=1, kappa_fake_eval=1, kappa_teacher=2).dropout_active
+    assert GuidanceSettings(kappa_fake_train=2, kappa_fake_eval=1, kappa_teacher=1).dropout_active
+    assert GuidanceSettings(kappa_fake_train=1, kappa_fake_eval=2, kappa_teacher=1).dropout_active
+    assert not GuidanceSettings(kappa_fake_train=2, dropout=0.0).dropout_active
+    # a dropped remain item keeps its negative prompt; a dropped forget item's negative becomes ""
     batch = RemainBatch(["p0", "p1", "p2"], ["n0", "n1", "n2"])
     tp = route("fake_remain", batch, GuidanceSettings(neg_fake_train=True), dropped=[False, True, False])
-    assert tp.generator == tp.fake == ["p0", "", "p2"] and tp.fake_negative == ["n0", "", "n2"]
+    assert tp.generator == tp.fake == ["p0", "", "p2"] and tp.fake_negative == ["n0", "n1", "n2"]
+    fb = ForgetBatch(["f0", "f1"], ["o0", "o1"], ["n0", "n1"])
+    tp = route("fake_forget", fb, GuidanceSettings(neg_fake_train=True), dropped=[True, False])
+    assert tp.generator == tp.fake == ["", "f1"] and tp.fake_negative == ["", "n1"]
 
 
 # ---------------------------------------------------------------- terms
