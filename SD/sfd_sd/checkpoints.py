@@ -97,6 +97,15 @@ def load_training_state(path: Path) -> dict:
     return state
 
 
+def read_state_config(state_path: Path) -> dict:
+    """The settings a training state was written with: its run dir's config.json (cheap), else the state's."""
+    state_path = Path(state_path)
+    cfg_file = state_path.parent / "config.json"
+    if cfg_file.is_file():
+        return json.loads(cfg_file.read_text())
+    return json.loads(load_training_state(state_path)["config"])
+
+
 def state_nimg(path: Path) -> int:
     return int(Path(path).stem.rsplit("-", 1)[1])
 

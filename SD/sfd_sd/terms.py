@@ -31,21 +31,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import TrainConfig
 from .prompts import ForgetBatch, RemainBatch
 
 TERMS = ("fake_remain", "fake_forget", "gen_remain", "gen_forget")
 
 
+_D = TrainConfig()  # defaults live in one place: the settings schema
+
+
 @dataclass(frozen=True)
 class GuidanceSettings:
-    kappa_fake_train: float = 4.5   # kappa1
-    kappa_fake_eval: float = 4.5    # kappa2
-    kappa_teacher: float = 4.5      # kappa4
-    neg_fake_train: bool = False    # use_neg[0]
-    neg_fake_eval: bool = False     # use_neg[1]
-    neg_teacher: bool = True        # use_neg[2]
-    sg_w_override: bool = False
-    dropout: float = 0.1            # prompt dropout in fake-score training
+    kappa_fake_train: float = _D.kappa_fake_train   # kappa1
+    kappa_fake_eval: float = _D.kappa_fake_eval     # kappa2
+    kappa_teacher: float = _D.kappa_teacher         # kappa4
+    neg_fake_train: bool = _D.neg_fake_train        # use_neg[0]
+    neg_fake_eval: bool = _D.neg_fake_eval          # use_neg[1]
+    neg_teacher: bool = _D.neg_teacher              # use_neg[2]
+    sg_w_override: bool = _D.sg_w_override
+    dropout: float = _D.prompt_dropout              # prompt dropout in fake-score training
 
     @property
     def dropout_active(self) -> bool:

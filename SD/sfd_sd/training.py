@@ -18,16 +18,17 @@ import math
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoints, distributed, images, models
-from .config import ConfigError, TrainConfig, new_run_dir
+from .config import BUILTIN_REMAIN, ConfigError, TrainConfig, new_run_dir
 from .denoiser import GuidedDenoiser, PromptEncoder, VPSchedule, one_step_generate
 from .losses import clean_gradients_, fake_score_loss, masked_sum, sid_generator_loss
-from .prompts import PromptSampler, build_forget_pairs, dropout_mask, read_prompt_file
+from .prompts import PromptError, PromptSampler, build_forget_pairs, dropout_mask, read_prompt_file
 from .terms import GuidanceSettings, route
 
 LOSS_NAMES = ("loss_fake_remain", "loss_fake_forget", "loss_gen_remain", "loss_gen_forget")
@@ -49,16 +50,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def build_prompt_sampler(cfg: TrainConfig) -> tuple[PromptSampler, list[str], list[str]]:
     """The prompt sampler, the validation prompts and the bare forget prompts (for grids)."""
-    remain = read_prompt_file(cfg.remain_prompts, "--remain-prompts")
+    if not Path(cfg.remain_prompts).is_file():
+        raise PromptError(f"remain_prompts {cfg.remain_prompts!r} not found; build it from LAION-Aesthetics 6+ "
+                          "captions with prepare_remain_prompts.py (README: 'Remain prompts')")
+    remain = read_prompt_file(cfg.remain_prompts, "remain_prompts")
+    if Path(cfg.remain_prompts).name == BUILTIN_REMAIN:
+        warnings.warn(f"remain_prompts is the built-in {BUILTIN_REMAIN} ({len(remain)} toy captions), meant for "
+                      "tests only; the paper used LAION-Aesthetics 6+ captions (prepare_remain_prompts.py)",
+                      stacklevel=2)
     if cfg.forget_prompts:
-        forget = read_prompt_file(cfg.forget_prompts, "--forget-prompts")
+        forget = read_prompt_file(cfg.forget_prompts, "forget_prompts")
     else:
         forget = [cfg.concept_to_forget]
-    override = read_prompt_file(cfg.override_prompts, "--override-prompts") if cfg.override_prompts else None
+    override = read_prompt_file(cfg.override_prompts, "override_prompts") if cfg.override_prompts else None
     pairs = build_forget_pairs(forget, cfg.concept_to_forget, cfg.concept_to_override, override)
-    keywords = read_prompt_file(cfg.keywords, "--keywords") if cfg.keywords else None
-    negatives = read_prompt_file(cfg.negative_prompts, "--negative-prompts") if cfg.negative_prompts else None
-    val = read_prompt_file(cfg.val_prompts, "--val-prompts") if cfg.val_prompts else []
+    keywords = read_prompt_file(cfg.keywords, "keywords") if cfg.keywords else None
+    negatives = read_prompt_file(cfg.negative_prompts, "negative_prompts") if cfg.negative_prompts else None
+    val = read_prompt_file(cfg.val_prompts, "val_prompts") if cfg.val_prompts else []
     sampler = PromptSampler(remain, pairs, keywords=keywords, negatives=negatives, sid_w_neg=cfg.sid_w_neg)
     return sampler, val, forget
 
@@ -83,13 +91,15 @@ class SFDStep:
 
     def __init__(self, cfg: TrainConfig, nets: Nets, sampler: PromptSampler, guidance: GuidanceSettings,
                  dist: distributed.Dist, opt_fake, opt_gen, scaler_fake, scaler_gen,
-                 prompt_gen: torch.Generator, noise_gen: torch.Generator, latent_shape: tuple[int, ...]):
+                 prompt_gen: torch.Generator, noise_gen: torch.Generator, latent_shape: tuple[int, ...],
+                 precision: str = "fp32"):
         self.cfg, self.nets, self.sampler, self.g, self.dist = cfg, nets, sampler, guidance, dist
         self.opt_fake, self.opt_gen, self.scaler_fake, self.scaler_gen = opt_fake, opt_gen, scaler_fake, scaler_gen
         self.prompt_gen, self.noise_gen = prompt_gen, noise_gen
         self.latent_shape = latent_shape
         self.per_gpu, self.micro, self.rounds = cfg.batch_layout(dist.world_size)
         self.device = dist.device
+        self.clip_fake, self.clip_gen = cfg.fake_grad_clip_value, cfg.generator_clip_for(precision)
 
     # Random draws: all from explicit generators (exact resume).
     def _z_eps_t(self, n: int):
@@ -123,15 +133,15 @@ class SFDStep:
         self._backward(loss, kept, weight, scaler)
         return value, len(per) - kept
 
-    def _finish(self, module, opt, scaler):
+    def _finish(self, module, opt, scaler, clip: float):
         params = [p for p in module.parameters() if p.requires_grad]
         self.dist.average_gradients(params)
         scaler.unscale_(opt)  # records overflow for fp16 loss scaling before cleaning
         clean_gradients_(params)
-        if self.cfg.grad_clip > 0:
+        if clip > 0:  # element-wise value clipping (the authors'), not norm clipping
             for p in params:
                 if p.grad is not None:
-                    p.grad.clamp_(-self.cfg.grad_clip, self.cfg.grad_clip)
+                    p.grad.clamp_(-clip, clip)
         scaler.step(opt)
         scaler.update()
 
@@ -158,7 +168,7 @@ class SFDStep:
                 out["loss_" + term] += value
                 out["dropped_samples"] += dropped
         self._check_finite(bad, cur_nimg)
-        self._finish(fake_unet, self.opt_fake, self.scaler_fake)
+        self._finish(fake_unet, self.opt_fake, self.scaler_fake, self.clip_fake)
         fake_unet.eval()
         return out
 
@@ -188,7 +198,7 @@ class SFDStep:
                 out["loss_" + term] += value
                 out["dropped_samples"] += dropped
         self._check_finite(bad, cur_nimg)
-        self._finish(gen_unet, self.opt_gen, self.scaler_gen)
+        self._finish(gen_unet, self.opt_gen, self.scaler_gen, self.clip_gen)
         gen_unet.eval()
         fake_unet.requires_grad_(True)
         return out
@@ -278,6 +288,7 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
     """Every check that needs no model: options, model source, prompt files, the resume state."""
     cfg.check()
     models.check_model_source(cfg.sd_model)
+    check_generator_init(cfg)
     sampler, val, bare_forget = build_prompt_sampler(cfg)
     inputs = Inputs(sampler, val, bare_forget)
     if cfg.resume:
@@ -294,7 +305,7 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
             raise ConfigError(f"--resume {str(path)!r}: the run dir holds later states ({', '.join(later)}); "
                               "resume from the latest, or move the later ones away first")
         if cfg.run_dir and Path(cfg.run_dir).resolve() != path.parent.resolve():
-            raise ConfigError("--resume continues in the state's own run dir; drop --run-dir")
+            raise ConfigError("--resume continues in the state's own run dir; drop run_dir")
         changed = changed_settings(json.loads(state["config"]), cfg.to_json())
         if changed and not cfg.allow_changed_settings:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
@@ -302,9 +313,42 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
                               "--allow-changed-settings to continue with these (the change is recorded)")
         inputs.resume_path, inputs.resume_state, inputs.changed = path, state, changed
     elif cfg.run_dir and checkpoints.latest_training_state(Path(cfg.run_dir)) is not None:
-        raise ConfigError(f"--run-dir {cfg.run_dir!r} already holds a run; continue it with --resume "
+        raise ConfigError(f"run_dir {cfg.run_dir!r} already holds a run; continue it with --resume "
                           f"{cfg.run_dir!r} or choose another folder")
     return inputs
+
+
+CONVERT_HINT = ("convert the published SiD-LSG generator once with `python SD/convert_sid_lsg.py --pkl FILE "
+                "--out DIR` and set generator_init=DIR (README: 'Generator start')")
+
+
+def generator_init_status(cfg: TrainConfig) -> str:
+    """How the generator starts, in words (dry-run and config.json)."""
+    init = cfg.generator_init
+    if init is None:
+        return "MISSING: " + CONVERT_HINT
+    if init == "teacher":
+        return "teacher (a copy of the teacher UNet; NOT the paper's setting, which starts from SiD-LSG)"
+    return f"{init} ({'found' if Path(init).is_dir() else 'NOT FOUND'})"
+
+
+def check_generator_init(cfg: TrainConfig) -> None:
+    """The paper fine-tunes a SiD-LSG one-step generator; refuse to guess another start."""
+    init = cfg.generator_init
+    if init is None:
+        raise ConfigError(f"generator_init is not set: {CONVERT_HINT}, or set generator_init=teacher to start from "
+                          "the teacher (not the paper's setting)")
+    if init == "teacher":
+        warnings.warn("generator_init=teacher: the generator starts as a copy of the teacher, not from the "
+                      "SiD-LSG one-step generator the paper fine-tunes; 100 kimg at lr 1e-6 will not make it a "
+                      "good one-step generator", stacklevel=2)
+        return
+    path = Path(init).expanduser()
+    if path.suffix in (".pkl", ".pickle"):
+        raise ConfigError(f"generator_init {init!r} is a pickle: {CONVERT_HINT}")
+    if not path.is_dir():
+        raise ConfigError(f"generator_init {init!r}: folder not found; {CONVERT_HINT}, or set "
+                          "generator_init=teacher (not the paper's setting)")
 
 
 # ---------------------------------------------------------------------------------- 2. build
@@ -351,7 +395,7 @@ def _load_everything(cfg: TrainConfig, dist: distributed.Dist):
     for turn in (0, 1):
         if (dist.rank == 0) == (turn == 0):
             parts = models.load_sd_parts(cfg.sd_model, cfg.revision)
-            gen_unet = models.load_generator_init(cfg.init_generator, parts.unet, cfg.allow_pickle)
+            gen_unet = models.load_generator_init(cfg.generator_init, parts.unet)
         dist.barrier()
     return parts, gen_unet
 
@@ -380,7 +424,7 @@ def build(cfg: TrainConfig, dist: distributed.Dist, precision: str) -> Run:
     ema_unet = copy.deepcopy(gen_unet).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
     nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=ema_unet)
 
-    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for(precision))
     use_scaler = precision == "fp16"
     return Run(cfg=cfg, dist=dist, precision=precision, nets=nets, vae=_to(parts.vae, device, torch.float32),
                schedule=schedule, latent_shape=latent_shape, make_denoiser=mk,
@@ -399,7 +443,7 @@ def restore(run: Run, state: dict) -> None:
     nets.generator.unet.load_state_dict(state["generator"])
     if nets.ema is not None:
         if state.get("generator_ema") is None:
-            raise ConfigError("--resume: the state has no generator EMA but --ema is on")
+            raise ConfigError("--resume: the state has no generator EMA but ema_halflife_kimg > 0")
         nets.ema.load_state_dict(state["generator_ema"])
     run.opt_fake.load_state_dict(state["opt_fake"])
     run.opt_gen.load_state_dict(state["opt_gen"])
@@ -498,13 +542,15 @@ def train(cfg: TrainConfig) -> Path:
     run.run_dir = run_dir
     guidance = guidance_settings(cfg)
     run.step = SFDStep(cfg, run.nets, inputs.sampler, guidance, dist, run.opt_fake, run.opt_gen,
-                       run.scaler_fake, run.scaler_gen, run.prompt_gen, run.noise_gen, run.latent_shape)
+                       run.scaler_fake, run.scaler_gen, run.prompt_gen, run.noise_gen, run.latent_shape, precision)
     cfg.resolved = dict(run_dir=str(run_dir), world_size=dist.world_size, precision=precision,
                         per_gpu_batch=per_gpu, micro_batch=micro, accumulation_rounds=rounds,
                         latent_shape=list(run.latent_shape), prompt_dropout_active=guidance.dropout_active,
                         sigma_t_init=run.schedule.sigma(cfg.t_init), forget_pairs=len(inputs.sampler.pairs),
                         remain_prompts=len(inputs.sampler.remain), resumed_from_nimg=run.cur_nimg,
-                        device=str(dist.device))
+                        device=str(dist.device), adam_eps=cfg.adam_eps_for(precision),
+                        fake_grad_clip_value=run.step.clip_fake, generator_grad_clip_value=run.step.clip_gen,
+                        generator_init=generator_init_status(cfg))
     if dist.is_main:  # the folder is created only now that every input proved valid
         run.grids = GridRenderer({"train": inputs.bare_forget[:4] + inputs.sampler.remain[:2],
                                   "val": inputs.val_prompts[:8]},

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 SD = Path(__file__).resolve().parents[1]
-FAST_TESTS = ["tests/test_reference.py", "tests/test_units.py", "tests/test_checkpoints.py",
-              "tests/test_faults.py", "tests/test_generate.py", "tests/test_train.py", "-m", "not slow"]
+FAST_TESTS = ["tests/test_reference.py", "tests/test_units.py", "tests/test_checkpoints.py", "tests/test_convert.py",
+              "tests/test_faults.py", "tests/test_generate.py", "tests/test_train.py", "tests/test_recipes.py",
+              "-m", "not slow"]
 
 # (name, file, original text, mutated text)
 MUTATIONS = [
@@ -48,7 +49,7 @@ MUTATIONS = [
     ("terms: kappa1 for fake eval", "sfd_sd/terms.py", "fake_guidance=g.kappa_fake_eval, teacher=cond", "fake_guidance=g.kappa_fake_train, teacher=cond"),
     ("terms: teacher negative ignored", "sfd_sd/terms.py", "teacher=override,\n                       teacher_negative=_maybe(batch.negative, g.neg_teacher)", "teacher=override,\n                       teacher_negative=None"),
     ("terms: dropout not applied to generator", "sfd_sd/terms.py", "generator=_drop(forget, dropped)", "generator=forget"),
-    ("terms: dropout trigger ignores kappas", "sfd_sd/terms.py", "return self.dropout > 0 and any(", "return self.dropout > 0 or any("),
+    ("terms: dropout trigger counts kappa4", "sfd_sd/terms.py", "(self.kappa_fake_train != 1.0 or self.kappa_fake_eval != 1.0)", "(self.kappa_fake_train != 1.0 or self.kappa_fake_eval != 1.0 or self.kappa_teacher != 1.0)"),
     # denoiser.py
     ("denoiser: cfg sign", "sfd_sd/denoiser.py", "eps_u + guidance * (eps_c - eps_u)", "eps_c + guidance * (eps_c - eps_u)"),
     ("denoiser: chunk order", "sfd_sd/denoiser.py", "eps_u, eps_c = self._raw", "eps_c, eps_u = self._raw"),
@@ -68,7 +69,7 @@ MUTATIONS = [
     ("step: t from [0, 1000)", "sfd_sd/training.py", "torch.randint(self.cfg.t_min, self.cfg.t_max,", "torch.randint(0, 1000,"),
     ("step: forget weight = remain weight", "sfd_sd/training.py", "(\"gen_forget\", cfg.w_gen_forget)", "(\"gen_forget\", cfg.w_gen_remain)"),
     ("step: phi forget weight = remain weight", "sfd_sd/training.py", "(\"fake_forget\", cfg.w_fake_forget)", "(\"fake_forget\", cfg.w_fake_remain)"),
-    ("step: norm clipping", "sfd_sd/training.py", "p.grad.clamp_(-self.cfg.grad_clip, self.cfg.grad_clip)", "torch.nn.utils.clip_grad_norm_([p], self.cfg.grad_clip)"),
+    ("step: norm clipping", "sfd_sd/training.py", "p.grad.clamp_(-clip, clip)", "torch.nn.utils.clip_grad_norm_([p], clip)"),
     ("step: alpha forced to 1", "sfd_sd/training.py", "x_g, t, eps, alpha=cfg.alpha,", "x_g, t, eps, alpha=1.0,"),
     ("step: same eps as z", "sfd_sd/training.py", "        eps = torch.randn((n, *self.latent_shape), **kw)\n", "        eps = z\n"),
     ("step: EMA inverted", "sfd_sd/training.py", "p_ema.copy_(p.detach().lerp(p_ema, beta))", "p_ema.copy_(p_ema.lerp(p.detach(), beta))"),
@@ -83,6 +84,13 @@ MUTATIONS = [
     ("resume: state not checked", "sfd_sd/checkpoints.py", "        state = torch.load(path, map_location=\"cpu\", weights_only=True)\n    except Exception", "        state = torch.load(path, map_location=\"cpu\", weights_only=True)\n    except ZeroDivisionError"),
     ("generate: provenance ignored", "sfd_sd/generation.py", "        if differ:", "        if False:"),
     ("generate: manifest not merged", "sfd_sd/generation.py", "rows = {r[\"path\"]: r for r in (previous or {}).get(\"images\", [])}", "rows = {}"),
+    ("numerics: generator clip = fake clip", "sfd_sd/training.py", "cfg.fake_grad_clip_value, cfg.generator_clip_for(precision)", "cfg.fake_grad_clip_value, cfg.fake_grad_clip_value"),
+    ("numerics: adam eps ignores fp16", "sfd_sd/config.py", "(1e-6 if precision == \"fp16\" else 1e-8)", "1e-8"),
+    ("terms: dropped remain loses negative", "sfd_sd/terms.py", "fake_negative=_maybe(batch.negative, g.neg_fake_train),\n", "fake_negative=_maybe(_drop(batch.negative, dropped), g.neg_fake_train),\n"),
+    ("config: unknown keys accepted", "sfd_sd/config.py", "        if key not in keys:\n", "        if False:\n"),
+    ("config: yaml paths not relative to the file", "sfd_sd/config.py", "base=Path(path).resolve().parent)", "base=Path.cwd())"),
+    ("generator_init: none accepted", "sfd_sd/training.py", "    if init is None:\n        raise ConfigError", "    if False:\n        raise ConfigError"),
+    ("convert: any class allowed", "sfd_sd/sid_lsg.py", "        raise UnsafePickleError(", "        return super().find_class(module, name)\n        raise UnsafePickleError("),
     ("generate: orphan images adopted", "sfd_sd/generation.py", "    if any(out.glob(\"*/*.png\")):", "    if False:"),
 ]
 

@@ -53,7 +53,7 @@ def log_rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
 
-RUN_ARGS = ("--duration", "0.004", "--tick", "0.002", "--snap", "0.002", "--state", "0.002", "--seed", "1")
+RUN_ARGS = ("duration_kimg=0.004", "tick_kimg=0.002", "snap_kimg=0.002", "state_kimg=0.002", "seed=1")
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,8 @@ def run_copy(one_run, tmp_path):
 
 
 def resume_args(tiny_sd_dir, run, *extra, duration="0.004"):
-    args = base_args(tiny_sd_dir, run.parent, *RUN_ARGS, "--resume", run, *extra)
-    args[args.index("--duration") + 1] = duration
-    return args
+    """The run's own settings given again in full (as a user re-running the command would), longer."""
+    return base_args(tiny_sd_dir, run.parent, *RUN_ARGS, "--resume", run, *extra, f"duration_kimg={duration}")
 
 
 # ------------------------------------------------------------------ non-finite
@@ -161,8 +160,8 @@ def test_nan_teacher_weights_refused_before_the_run_dir(tmp_path):
 
 def test_nan_generator_start_and_snapshot_refused(tiny_sd_dir, tmp_path):
     _nan_unet().save_pretrained(tmp_path / "gen")
-    res = invoke(train_main(), base_args(tiny_sd_dir, tmp_path / "runs", "--init-generator", tmp_path / "gen"))
-    assert_clean_error(res, "--init-generator", "'conv_in.weight'")
+    res = invoke(train_main(), base_args(tiny_sd_dir, tmp_path / "runs", f"generator_init={tmp_path / 'gen'}"))
+    assert_clean_error(res, "generator_init", "'conv_in.weight'")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     (tmp_path / "gen" / "sfd_generator.json").write_text(json.dumps({"sd_model": str(tiny_sd_dir), "t_init": 625}))
     res = invoke(gen_main(), ["--network", tmp_path / "gen", "--prompt", "a cat", "--seeds", "0", "--resolution", "16",
@@ -210,17 +209,17 @@ def test_second_writer_is_refused_by_the_lock(tiny_sd_dir, run_copy):
         holder.wait()
 
 
-@pytest.mark.parametrize("flag, value, key", [("--lr-gen", "2e-4", "lr_gen"), ("--alpha", "1.2", "alpha"),
-                                              ("--batch", "4", "batch"), ("--seed", "7", "seed")])
+@pytest.mark.parametrize("flag, value, key", [("lr_gen", "2e-4", "lr_gen"), ("alpha", "1.2", "alpha"),
+                                              ("batch", "4", "batch"), ("seed", "7", "seed")])
 def test_resume_with_changed_settings_is_refused(tiny_sd_dir, run_copy, flag, value, key):
     before = files(run_copy)
-    res = invoke(train_main(), resume_args(tiny_sd_dir, run_copy, flag, value, duration="0.008"))
+    res = invoke(train_main(), resume_args(tiny_sd_dir, run_copy, f"{flag}={value}", duration="0.008"))
     assert_clean_error(res, "changed settings", f"{key}:", "--allow-changed-settings")
     assert files(run_copy) == before
 
 
 def test_resume_with_allowed_change_is_recorded(tiny_sd_dir, run_copy):
-    res = invoke(train_main(), resume_args(tiny_sd_dir, run_copy, "--lr-gen", "2e-4", "--allow-changed-settings",
+    res = invoke(train_main(), resume_args(tiny_sd_dir, run_copy, "lr_gen=2e-4", "--allow-changed-settings",
                                            duration="0.006"))
     assert res.exit_code == 0, res.output
     cfg = json.loads((run_copy / "config.json").read_text())
@@ -231,7 +230,7 @@ def test_resume_with_allowed_change_is_recorded(tiny_sd_dir, run_copy):
 
 def test_run_dir_of_an_existing_run_needs_resume(tiny_sd_dir, run_copy):
     before = files(run_copy)
-    res = invoke(train_main(), base_args(tiny_sd_dir, run_copy.parent, "--run-dir", run_copy))
+    res = invoke(train_main(), base_args(tiny_sd_dir, run_copy.parent, f"run_dir={run_copy}"))
     assert_clean_error(res, "already holds a run", "--resume")
     assert files(run_copy) == before
 
@@ -240,8 +239,7 @@ def test_run_dir_of_an_existing_run_needs_resume(tiny_sd_dir, run_copy):
 def test_non_utf8_prompt_file(tiny_sd_dir, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 in paris\n".encode("latin-1"))
-    args = base_args(tiny_sd_dir, tmp_path / "runs")
-    args[args.index("--remain-prompts") + 1] = str(bad)
+    args = base_args(tiny_sd_dir, tmp_path / "runs", f"remain_prompts={bad}")
     assert_clean_error(invoke(train_main(), args), "latin1.txt", "not UTF-8")
     assert not (tmp_path / "runs").exists()
     res = invoke(gen_main(), ["--network", "teacher", "--sd-model", tiny_sd_dir, "--prompts", bad, "--outdir", tmp_path / "o"])
@@ -249,9 +247,7 @@ def test_non_utf8_prompt_file(tiny_sd_dir, tmp_path):
 
 
 def test_missing_relative_model_folder_is_named_as_a_folder(tiny_sd_dir, tmp_path):
-    args = base_args(tiny_sd_dir, tmp_path / "runs")
-    args[args.index("--sd-model") + 1] = "some/relative/folder"
-    res = invoke(train_main(), args)
+    res = invoke(train_main(), base_args(tiny_sd_dir, tmp_path / "runs", "sd_model=some/relative/folder"))
     assert_clean_error(res, "'some/relative/folder'", "local folder not found")
     assert "internet" not in res.output
     res = invoke(gen_main(), ["--network", "teacher", "--sd-model", "some/relative/folder", "--prompt", "a cat",
