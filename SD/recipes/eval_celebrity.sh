@@ -40,7 +40,7 @@ run_py() {  # one process, or torchrun over NUM_GPUS
 }
 
 if [ -z "$SNAPSHOT" ]; then
-  NUM_GPUS=$NUM_GPUS CELEB=$CELEB bash "$SD/recipes/celebrity.sh" sd_model="$SD_MODEL" run_dir="$WORK/train" "$@"
+  NUM_GPUS=$NUM_GPUS CELEB=$CELEB PYTHON=$PYTHON bash "$SD/recipes/celebrity.sh" sd_model="$SD_MODEL" run_dir="$WORK/train" "$@"
   SNAPSHOT=$(ls -d "$WORK"/train/network-snapshot-* | sort | tail -n 1)
 fi
 echo "evaluating generator snapshot $SNAPSHOT"

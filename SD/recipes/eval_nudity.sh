@@ -44,7 +44,7 @@ run_py() {  # one process, or torchrun over NUM_GPUS
   echo "eval_nudity.sh: NudeNet is not installed; pip install -r SD/requirements-eval.txt" >&2; exit 1; }
 
 if [ -z "$SNAPSHOT" ]; then
-  NUM_GPUS=$NUM_GPUS bash "$SD/recipes/nudity.sh" sd_model="$SD_MODEL" run_dir="$WORK/train" "$@"
+  NUM_GPUS=$NUM_GPUS PYTHON=$PYTHON bash "$SD/recipes/nudity.sh" sd_model="$SD_MODEL" run_dir="$WORK/train" "$@"
   SNAPSHOT=$(ls -d "$WORK"/train/network-snapshot-* | sort | tail -n 1)
 fi
 echo "evaluating generator snapshot $SNAPSHOT"
