@@ -69,8 +69,10 @@ def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
         # Only the betas matter here; SD v1.5 ships a PNDM config, which DDPMScheduler accepts.
         sched_cfg = DDPMScheduler.load_config(sd_model, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} "
-                             f"(revision {revision!r}): {exc}") from exc
+        where = ("" if Path(sd_model).expanduser().exists() else
+                 f"there is no local folder {str(Path(sd_model).expanduser().resolve())!r}, and as a hub id: ")
+        raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} (revision {revision!r}): "
+                             f"{where}{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     scheduler = DDPMScheduler.from_config(sched_cfg)
     for name, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
         if module is not None:

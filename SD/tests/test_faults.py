@@ -253,6 +253,10 @@ def test_missing_relative_model_folder_is_named_as_a_folder(tiny_sd_dir, tmp_pat
     res = invoke(gen_main(), ["--network", "teacher", "--sd-model", "some/relative/folder", "--prompt", "a cat",
                               "--outdir", tmp_path / "o"])
     assert_clean_error(res, "local folder not found")
+    # one slash looks like a hub id: the message still says no such local folder exists
+    res = invoke(train_main(), base_args(tiny_sd_dir, tmp_path / "runs", "sd_model=models/sd15"))
+    assert_clean_error(res, "'models/sd15'", "there is no local folder")
+    assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------ generate.py
