@@ -5,7 +5,7 @@ swapped knob), is applied alone, and the fast tests run; a mutation that passes 
 *survives*. Run from SD/:
 
     ../.venv/bin/python tests/mutation_check.py            # all
-    ../.venv/bin/python tests/mutation_check.py omega      # those whose name contains "omega"
+    ../.venv/bin/python tests/mutation_check.py omega,ckpt # those whose name contains "omega" or "ckpt"
 
 Not collected by pytest (no ``test_`` prefix). The files are restored after each mutation, also on
 Ctrl-C.
@@ -105,7 +105,11 @@ def run_tests() -> tuple[bool, float]:
 
 def main(select: str = "") -> int:
     survivors = []
-    chosen = [m for m in MUTATIONS if select in m[0]]
+    chosen = [m for m in MUTATIONS if any(part in m[0] for part in select.split(","))]
+    passed, secs = run_tests()  # a mutation only counts as killed if the unmutated tree passes
+    if not passed:
+        print(f"the fast tests fail on the unmutated tree ({secs:.0f}s); fix that first")
+        return 2
     for name, rel, old, new in chosen:
         path = SD / rel
         text = path.read_text()
