@@ -110,12 +110,14 @@ def main(select: str = "") -> int:
     if not passed:
         print(f"the fast tests fail on the unmutated tree ({secs:.0f}s); fix that first")
         return 2
+    applied = 0
     for name, rel, old, new in chosen:
         path = SD / rel
         text = path.read_text()
         if text.count(old) != 1:
             print(f"SKIP  {name}: pattern found {text.count(old)} times in {rel}", flush=True)
             continue
+        applied += 1
         try:
             path.write_text(text.replace(old, new))
             passed, secs = run_tests()
@@ -124,7 +126,7 @@ def main(select: str = "") -> int:
         print(f"{'SURVIVED' if passed else 'killed  '} {name} ({secs:.0f}s)", flush=True)
         if passed:
             survivors.append(name)
-    print(f"\n{len(chosen) - len(survivors)} of {len(chosen)} killed; survivors: {survivors}")
+    print(f"\n{applied - len(survivors)} of {applied} applied mutations killed; survivors: {survivors}")
     return 1 if survivors else 0
 
 
