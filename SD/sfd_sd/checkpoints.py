@@ -149,6 +149,12 @@ def lock_run_dir(run_dir: Path) -> None:
     _LOCKS[key] = f
 
 
+def release_run_locks() -> None:
+    """Release every run lock this process holds (closing the file drops the flock)."""
+    while _LOCKS:
+        _LOCKS.popitem()[1].close()
+
+
 def remove_leftover_temps(run_dir: Path) -> list[str]:
     """Delete temp files/folders a killed atomic write left behind (``.NAME.*.tmp``, ``.network-snapshot-*``)."""
     removed = []

@@ -524,7 +524,15 @@ def write_state(run: Run, nimg: int) -> None:
 
 # ---------------------------------------------------------------------------------- 5. loop
 def train(cfg: TrainConfig) -> Path:
-    """Run SFD training as configured; returns the run directory."""
+    """Run SFD training as configured; returns the run directory. The run dir's lock is held until
+    this returns or fails (or the process dies)."""
+    try:
+        return _train(cfg)
+    finally:
+        checkpoints.release_run_locks()
+
+
+def _train(cfg: TrainConfig) -> Path:
     inputs = check_inputs(cfg)  # fails on bad options, prompts or resume state before loading anything
     dist = distributed.init(cfg.device)
     precision = resolve_precision(cfg.precision, dist.device)
