@@ -22,18 +22,22 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	cd DDPM && ../$(PY) demo.py --outdir ../runs/demo
+	cd DDPM && $(abspath $(PY)) demo.py --outdir ../runs/demo
 
 # Every unlearning method on the built-in dataset, one table (reuses runs/demo's teacher and classifier).
 compare: $(STAMP)
-	cd DDPM && ../$(PY) compare.py --outdir ../runs/compare
+	cd DDPM && $(abspath $(PY)) compare.py --outdir ../runs/compare
 
 # EVAL_EXTRA=1 also installs SD/requirements-eval.txt (NudeNet: its wheel carries an AGPL licence file,
 # so it is an opt-in extra) and runs the tests that use the real detector; without it they are skipped.
 test: $(STAMP)
 	if [ -n "$(EVAL_EXTRA)" ]; then $(PY) -m pip install --quiet -r SD/requirements-eval.txt; fi
-	cd DDPM && ../$(PY) -m pytest -q tests
-	cd SD && ../$(PY) -m pytest -q tests
+	@# Both suites run whatever the first one does; the target fails if either failed.
+	@status=0; \
+	(cd DDPM && $(abspath $(PY)) -m pytest -q tests) || status=1; \
+	(cd SD && $(abspath $(PY)) -m pytest -q tests) || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: at least one suite failed (see above)"; fi; \
+	exit $$status
 
 clean:
 	rm -rf runs

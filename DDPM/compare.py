@@ -6,7 +6,8 @@ Forget class 0 of the built-in teacher with SFD, Selective Amnesia, SalUn, ESD (
 plus Retrain (pretraining without class 0, its own builtin_retrain.yaml budget: it starts from
 scratch by definition). Then sample every model (DDPM-kind: DDIM with guidance 2, as the teacher;
 SFD: its one-step generator) and measure UA, remaining-class accuracy and classifier-feature FID with
-demo_report.measure. Writes OUTDIR/compare.json and compare.md.
+demo_report.measure. Then attack every model (evaluate.py attack's noise and label-embedding searches at
+--attack-budget gradient steps; --no-attacks skips them). Writes OUTDIR/compare.json and compare.md.
 
 The teacher and classifier of `make demo` (runs/demo) are reused when present. Training runs go
 --jobs at a time (one thread each); the table reports each run's wall time and its CPU time (the
@@ -35,6 +36,9 @@ METHODS = {
     "esd": ("builtin_esd.yaml", "baseline.init", "ddim"),
     "vdu": ("builtin_vdu.yaml", "vdu.init", "ddim"),
 }
+# The attack columns: every attack at one budget; DDPM-kind models are attacked through a DDIM of
+# ATTACK["steps"] steps (guidance 2, x0 clipped, as they are sampled), SFD through its one-step map.
+ATTACK = {"budget": 20, "n": 16, "n_eval": 32, "steps": 5, "lr": 0.05, "prior_weight": 1.0, "seed": 0}
 QUICK_MODEL = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[8]",
                "data.builtin_per_class=40", "grid.per_class=2", "grid.steps=2"]
 
@@ -81,8 +85,11 @@ def wait(proc: subprocess.Popen, what: str, log: Path) -> float:
 @click.option("--per-class", type=click.IntRange(min=2), default=30, help="Generated images per class.")
 @click.option("--ddim-steps", type=click.IntRange(min=1), default=25, help="DDIM steps of the DDPM-kind models.")
 @click.option("--jobs", type=click.IntRange(min=1), default=2, help="Training runs at a time (one thread each).")
+@click.option("--attack-budget", type=click.IntRange(min=1), default=ATTACK["budget"],
+              help="Gradient steps of each white-box attack (the attack columns).")
+@click.option("--no-attacks", is_flag=True, help="Skip the white-box attacks (and their columns).")
 @click.option("--quick", is_flag=True, help="Tiny budget (numbers meaningless): checks the pipeline runs.")
-def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, quick):
+def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, attack_budget, no_attacks, quick):
     """Train, sample and measure every method; write compare.json and compare.md."""
     import torch
 
@@ -103,6 +110,8 @@ def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, quick
     model_args = QUICK_MODEL if quick else []
     if quick:
         iters, per_class, ddim_steps = 2, 2, 2
+    attack_cfg = None if no_attacks else {**ATTACK, "budget": attack_budget,
+                                          **({"budget": 2, "n": 4, "n_eval": 4, "steps": 2} if quick else {})}
 
     # classifier and teacher: reuse the demo's, else train them here ----------------------------
     clf_path = demo / "classifier.safetensors"
@@ -183,14 +192,35 @@ def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, quick
                      "per_class_accuracy": m["per_class_accuracy"]})
         click.echo(f"{name}: UA {m['ua']:.3f}, remaining {m['remaining_acc']:.3f}, "
                    f"classifier FID {m['classifier_fid']:.3f}", err=True)
+        if attack_cfg:
+            rows[-1]["attack"] = attack(ckpt, clf, attack_cfg)
+            a = rows[-1]["attack"]
+            click.echo(f"{name}: attacks at {attack_cfg['budget']} steps: noise {a['noise_success']:.3f}, "
+                       f"embedding {a['embedding_success']:.3f} ({a['seconds']:.0f} s)", err=True)
     total = time.perf_counter() - t_all
     report = {"forget_class": 0, "iters": iters, "batch": batch, "images_per_class": per_class,
               "reference_images_per_class": 8 if quick else 100, "jobs": jobs, "quick": quick,
-              "skipped": skipped, "teacher": str(teacher), "classifier": str(clf_path), "seconds": total, "rows": rows}
+              "skipped": skipped, "attack_settings": attack_cfg, "teacher": str(teacher), "classifier": str(clf_path), "seconds": total, "rows": rows}
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "compare.md").write_text(md)
     click.echo(md)
+
+
+def attack(ckpt, clf, cfg: dict) -> dict:
+    """The attack columns of one model: success rates at the budget (and at 0, the model asked normally)."""
+    from sfd_ddpm.attacks.search import attack_checkpoint
+
+    t0 = time.perf_counter()
+    res = attack_checkpoint(ckpt, clf, 0, steps=cfg["steps"], budgets=(0, cfg["budget"]), n=cfg["n"],
+                            n_eval=cfg["n_eval"], lr=cfg["lr"], prior_weight=cfg["prior_weight"], seed=cfg["seed"])
+    at = res["at_budget"]
+    return {"noise_success": at["noise"]["success_rate"], "noise_success_at_0": res["attacks"]["noise"][0]["success_rate"],
+            "embedding_success": res["embedding_best"]["success_rate"],
+            "embedding_forget_success": at["embedding_forget"]["success_rate"],
+            "embedding_mean_success": at["embedding_mean"]["success_rate"],
+            "mean_p_forget": {k: v["mean_p_forget"] for k, v in at.items()}, "sampling": res["sampling"],
+            "seconds": time.perf_counter() - t0}
 
 
 def markdown(r: dict) -> str:
@@ -202,15 +232,28 @@ def markdown(r: dict) -> str:
              f"(not Inception FID). Training ran {r['jobs']} at a time, so wall times include contention; CPU "
              f"seconds do not. Total {r['seconds']:.0f} s." + (f" Skipped (not available): {', '.join(r['skipped'])}."
                                                               if r["skipped"] else ""),
-             "",
-             "| method | UA (higher = forgotten) | remaining-class acc | classifier FID (lower = better) | NFE / image | "
-             "train wall s | train CPU s |",
-             "|---|---|---|---|---|---|---|"]
+             ""]
+    atk = r.get("attack_settings")
+    if atk:
+        lines += [f"Attack columns: share of attacked images the classifier labels class 0 after {atk['budget']} "
+                  f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"
+                  f"row and mean-row starts, judged on {atk['n_eval']} held-out noises; DDPM-kind models through "
+                  f"DDIM-{atk['steps']}). Unattacked, the noise column would read 1 - UA on those noises. "
+                  f"Attacks took {sum(row['attack']['seconds'] for row in r['rows']):.0f} s in all. See README, "
+                  f"\"Attacks\".", ""]
+    head = ("| method | UA (higher = forgotten) | remaining-class acc | classifier FID (lower = better) | NFE / image | "
+            "train wall s | train CPU s |")
+    if atk:
+        head += f" noise attack @{atk['budget']} | embedding attack @{atk['budget']} |"
+    lines += [head, "|---" * head.count(" | ") + "|---|"]
     for row in r["rows"]:
         wall = f"{row['seconds']:.0f}" if "seconds" in row else "-"
         cpu = f"{row['cpu_seconds']:.0f}" if "cpu_seconds" in row else "-"
-        lines.append(f"| {row['method']} | {row['ua']:.3f} | {row['remaining_acc']:.3f} | {row['classifier_fid']:.3f} | "
-                     f"{row['nfe']} | {wall} | {cpu} |")
+        line = (f"| {row['method']} | {row['ua']:.3f} | {row['remaining_acc']:.3f} | {row['classifier_fid']:.3f} | "
+                f"{row['nfe']} | {wall} | {cpu} |")
+        if atk:
+            line += f" {row['attack']['noise_success']:.3f} | {row['attack']['embedding_success']:.3f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ Examples (from inside DDPM/):
   python evaluate.py fid --images samples/sfd --ref refs/builtin_train --exclude 0 --features classifier \\
       --classifier classifiers/builtin_small_cnn.safetensors --out eval/fid_sfd.json
   python evaluate.py fid --images samples/cifar_sfd --ref refs/cifar10_without_0 --exclude 0 --out eval/fid.json
+  python evaluate.py attack --ckpt runs/sfd --classifier classifiers/builtin_small_cnn.safetensors --forget 0 --out eval/attack_sfd.json
   python evaluate.py pul --original samples/vdu_before --unlearned samples/vdu_after --classifier C --forget 0 --out eval/pul.json
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ classes_help = "e.g. 0 or 0,3 or 1-9"
 
 @click.group(context_settings=CONTEXT)
 def main():
-    """Evaluate unlearning (ua, pul) and generation quality (fid) of generated images."""
+    """Evaluate unlearning (ua, pul, attack) and generation quality (fid) of generated images."""
 
 
 @main.command(context_settings=CONTEXT)
@@ -213,6 +214,86 @@ def pul(original, unlearned, classifier, forget, n_images, out, batch, device):
     write_result(out, "pul", results, settings)
     click.echo(f"PUL {results['pul']:.2f}% (forget-class images: {results['n_forget_original']} original -> "
                f"{results['n_forget_unlearned']} unlearned, of {results['n_images_each']} each) -> {out}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--ckpt", required=True, type=click.Path(exists=True), metavar="FILE|RUN",
+              help="Weights file (or run folder: its newest) of the model to attack: an SFD/SiD generator or a "
+                   "DDPM-kind model (pretrained, Retrain, SA, SalUn, ESD, VDU).")
+@click.option("--network", default=None, help="Network of the weights file. [default: its EMA network]")
+@click.option("--classifier", required=True, type=click.Path(dir_okay=False), metavar="FILE.safetensors",
+              help="Classifier whose p(forget) the attacks raise (white box: its gradient is used).")
+@click.option("--judge", type=click.Path(dir_okay=False), default=None, metavar="FILE.safetensors",
+              help="A second classifier that scores the attacked images instead (one the attack never saw), "
+                   "to tell recovered class knowledge from images that only fool --classifier. [default: --classifier]")
+@click.option("--forget", required=True, metavar="CLASS", help="The forgotten class (one).")
+@click.option("--attacks", default="noise,embedding_forget,embedding_mean", metavar="LIST",
+              help="Any of noise, embedding_forget, embedding_mean, comma-separated.")
+@click.option("--budgets", default="0,10,50", metavar="LIST",
+              help="Gradient steps at which to score each attack (0 = the model asked normally).")
+@click.option("--n", "n_noise", type=click.IntRange(min=1), default=32,
+              help="Noises optimised by the noise search; noises per gradient step of the embedding search.")
+@click.option("--n-eval", type=click.IntRange(min=1), default=None,
+              help="Held-out noises the embedding search is scored on. [default: --n]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, help="Adam step size of every attack.")
+@click.option("--prior-weight", type=click.FloatRange(min=0), default=1.0,
+              help="Weight of the Gaussian-prior (chi norm) penalty per noise dimension in the noise search.")
+@click.option("--sampler", type=click.Choice(["auto", "one_step", "ddim"]), default="auto",
+              help="How the attacked model draws images: auto = one-step for SFD/SiD generators, DDIM with "
+                   "guidance 2 and x0 clipping for DDPM-kind models (as make compare samples them).")
+@click.option("--steps", type=click.IntRange(min=1), default=10, help="DDIM steps the attack differentiates through.")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance w. [default: from --sampler]")
+@click.option("--clip-x0/--no-clip-x0", default=None, help="Clip DDIM's denoised estimate. [default: from --sampler]")
+@click.option("--seed", type=int, default=0, help="Seed of the starting and held-out noises.")
+@out_option
+@device_option
+def attack(ckpt, network, classifier, judge, forget, attacks, budgets, n_noise, n_eval, lr, prior_weight, sampler, steps,
+           guidance, clip_x0, seed, out, device):
+    """White-box attacks on an unlearned generator: how often does the forgotten class come back when
+    someone holding the weights searches the noise or the label embedding? Reports, per attack and
+    budget, the success rate (attacked images classified as the forget class) and mean p(forget)."""
+    import time
+
+    from sfd_ddpm.attacks import ATTACKS
+    from sfd_ddpm.attacks.search import attack_checkpoint
+    from sfd_ddpm.metrics.record import write_result
+
+    device = _device(device)
+    attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    bad = [a for a in attack_list if a not in ATTACKS]
+    if bad or not attack_list:
+        raise click.BadParameter(f"{bad or attacks!r}: choose from {', '.join(ATTACKS)}", param_hint="--attacks")
+    try:
+        budget_list = sorted({int(b) for b in budgets.split(",") if b.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{budgets!r}: gradient-step counts, e.g. 0,10,50", param_hint="--budgets") from None
+    if not budget_list or budget_list[0] < 0:
+        raise click.BadParameter(f"{budgets!r}: gradient-step counts >= 0", param_hint="--budgets")
+    model, meta, clf = _load_classifier(classifier, device)
+    forget = _classes(forget, meta["n_classes"], "--forget")
+    if len(forget) != 1:
+        raise click.BadParameter("attack one forgotten class at a time", param_hint="--forget")
+    judge_model, judge_rec = (_load_classifier(judge, device)[::2] if judge else (None, None))
+    start = time.perf_counter()
+    try:
+        results = attack_checkpoint(ckpt, model, forget[0], network=network, sampler=sampler, steps=steps,
+                                    guidance=guidance, clip_x0=clip_x0, device=device, attacks=attack_list,
+                                    budgets=budget_list, n=n_noise, n_eval=n_eval, lr=lr, prior_weight=prior_weight,
+                                    seed=seed, judge_classifier=judge_model)
+    except _errors() as err:
+        raise click.ClickException(str(err)) from None
+    seconds = time.perf_counter() - start
+    settings = {"checkpoint": results.pop("checkpoint"), "sampling": results.pop("sampling"), "classifier": clf,
+                "judge": judge_rec or "the attacked classifier", "forget": forget[0], "attacks": attack_list,
+                "budgets": budget_list, "n": n_noise, "n_eval": n_eval or n_noise, "lr": lr,
+                "prior_weight": prior_weight, "seed": seed, "device": device, "seconds": seconds,
+                "success_definition": "fraction of attacked images (8-bit) the judge labels as the forget class; "
+                                      "embedding attacks are judged on held-out noise"}
+    write_result(out, "attack", results, settings)
+    for name, row in results["at_budget"].items():
+        click.echo(f"{name}: success {row['success_rate']:.3f}, mean p(forget) {row['mean_p_forget']:.3f} "
+                   f"after {row['budget']} steps")
+    click.echo(f"({seconds:.0f} s) -> {out}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ Examples (from inside DDPM/):
   python sample.py --ckpt runs/00001-builtin_sfd --out samples/sfd --classes all --per-class 100 --sampler one_step
   torchrun --nproc_per_node 8 sample.py --ckpt CKPT --out fid/ --classes 1-9 --per-class 5000 --sampler ddpm
 
-Image (class c, index i) depends only on --seed, c and i: not on the batch size or process count.
-Existing files are kept, so an interrupted run can simply be started again.
+Image (class c, index i) has its own noise stream, seeded from --seed, c and i: its noise draws are
+bit-identical whatever the batch size or process count, and its pixels agree within one 8-bit level
+(float kernels round differently for different batch shapes). Existing files are kept, so an
+interrupted run can simply be started again. A folder holds the images of one checkpoint and one
+set of sampler settings (its settings.json): adding to a folder written with others is refused, and
+--overwrite deletes its images first.
 """
 from __future__ import annotations
 
@@ -19,6 +23,72 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def plan(class_list, per_class: int, done, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """The (class, index) pairs this rank generates: every missing image once, dealt round-robin."""
+    todo = [(c, i) for c in class_list for i in range(per_class) if (c, i) not in done]
+    return todo[rank::world_size]
+
+
+PROVENANCE_KEYS = ("checkpoint_sha256", "kind", "step", "ema", "sampler", "steps", "eta", "guidance", "clip_x0",
+                   "t_init", "seed")
+
+
+def images_per_class(out: Path) -> dict[str, int]:
+    from sfd_ddpm.images import parse_name
+
+    counts: dict[str, int] = {}
+    for p in sorted(out.glob("*.png")):
+        if (parsed := parse_name(p.name)) is not None:
+            counts[str(parsed[0])] = counts.get(str(parsed[0]), 0) + 1
+    return counts
+
+
+def write_settings(out: Path, settings: dict) -> None:
+    from sfd_ddpm.checkpoints import atomic_write
+
+    atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+
+
+def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
+    """Make ``out`` ready for images of ``provenance`` before any sampling: refuse a folder whose
+    images came from another checkpoint or other settings (unless ``overwrite``: then delete them),
+    create it, prove it writable and record the provenance in settings.json straight away, so the
+    folder's settings.json describes its images even if this run is killed."""
+    from sfd_ddpm.images import parse_name
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    pngs = [p for p in out.glob("*.png") if parse_name(p.name)] if out.is_dir() else []
+    settings_file = out / "settings.json"
+    old = None
+    if settings_file.is_file():
+        try:
+            old = json.loads(settings_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+    if not overwrite and (pngs or old is not None):
+        if old is None:
+            raise ValueError(f"--out {out} holds {len(pngs)} images but no settings.json, so their checkpoint and "
+                             f"settings are unknown; use another --out or --overwrite to delete them")
+        changed = [k for k in PROVENANCE_KEYS if old.get(k) != provenance[k]]
+        if changed:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {provenance[k]!r}" for k in changed)
+            raise ValueError(f"--out {out} holds images made with another checkpoint or settings ({detail}); "
+                             f"use another --out, or --overwrite to delete them and start clean")
+    dist.barrier()  # every rank has checked the folder before rank 0 changes it
+    if dist.is_main:
+        if overwrite:
+            for p in pngs:
+                p.unlink()
+            settings_file.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        from sfd_ddpm.checkpoints import remove_stale_temporaries
+        remove_stale_temporaries(out)
+        kept = {} if overwrite or old is None else old
+        write_settings(out, {**kept, **provenance, "images_per_class": images_per_class(out), "complete": False})
+    dist.barrier()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -39,14 +109,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per forward pass (per process).")
 @click.option("--no-ema", is_flag=True, help="Sample from the raw weights instead of the EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, seed, batch, no_ema, device):
+@click.option("--overwrite", is_flag=True,
+              help="Delete the images and settings.json already in --out first (needed when they were made "
+                   "by another checkpoint or with other settings).")
+def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, seed, batch, no_ema, device, overwrite):
     """Sample images from a pretrained DDPM or an SFD/SiD one-step generator."""
     import torch
     from tqdm import tqdm
 
     from sfd_ddpm import distributed
     from sfd_ddpm.checkpoints import CheckpointError, file_hash
-    from sfd_ddpm.images import image_name, save_images
+    from sfd_ddpm.images import NonFiniteImages, image_name, save_images
     from sfd_ddpm.loading import denoiser_for, load_network, parse_classes, resolve_checkpoint
     from sfd_ddpm.samplers import image_seed, nfe, sample
 
@@ -62,9 +135,21 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
         raise click.ClickException(f"{path} is a pretrained DDPM; one_step needs an SFD/SiD checkpoint")
     if sampler != "one_step" and meta["kind"] == "sfd":
         raise click.ClickException(f"{path} is a one-step generator; use --sampler one_step")
+    provenance = {"checkpoint_sha256": file_hash(path), "kind": meta["kind"], "step": meta["step"], "ema": not no_ema,
+                  "sampler": sampler, "steps": steps if sampler == "ddim" else None,
+                  "eta": eta if sampler == "ddim" else None, "guidance": guidance,
+                  "clip_x0": clip_x0 if sampler != "one_step" else None,
+                  "t_init": cfg["sfd"]["t_init"] if sampler == "one_step" else None, "seed": seed}
     out = Path(out)
-    todo = [(c, i) for c in class_list for i in range(per_class) if not (out / image_name(c, i)).exists()]
-    mine = todo[dist.rank::dist.world_size]
+    try:
+        prepare_folder(out, provenance, overwrite, dist)
+    except OSError as err:
+        raise click.ClickException(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    done = {(c, i) for c in class_list for i in range(per_class) if (out / image_name(c, i)).exists()}
+    n_todo = len(class_list) * per_class - len(done)
+    mine = plan(class_list, per_class, done, dist.rank, dist.world_size)
     d = cfg["data"]
     shape = (d["channels"], d["image_size"], d["image_size"])
     denoiser = denoiser_for(net, cfg)
@@ -76,19 +161,20 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
         seeds = [image_seed(seed, c, i) for c, i in chunk]
         x = sample(denoiser, sampler, labels, seeds, shape, steps=steps, eta=eta, guidance=guidance, t_init=t_init,
                    clip_x0=clip_x0)
-        save_images(x, [c for c, _ in chunk], [i for _, i in chunk], out)
+        try:
+            save_images(x, [c for c, _ in chunk], [i for _, i in chunk], out)
+        except NonFiniteImages as err:
+            raise click.ClickException(f"{path}: {err}") from None
     seconds = time.perf_counter() - start
     dist.barrier()
     if dist.is_main:
-        settings = {"checkpoint": str(path), "checkpoint_sha256": file_hash(path), "kind": meta["kind"],
-                    "step": meta["step"], "ema": not no_ema, "classes": class_list, "per_class": per_class,
-                    "sampler": sampler, "steps": steps if sampler == "ddim" else None, "eta": eta if sampler == "ddim" else None,
-                    "guidance": guidance, "clip_x0": clip_x0 if sampler != "one_step" else None, "t_init": t_init if sampler == "one_step" else None, "seed": seed,
+        settings = {"checkpoint": str(path), **provenance, "classes": class_list, "per_class": per_class,
+                    "images_per_class": images_per_class(out), "complete": True,
                     "nfe_per_image": nfe(sampler, steps, guidance, cfg["diffusion"]["num_timesteps"]),
-                    "generated_now": len(todo), "seconds_rank0": seconds,
+                    "generated_now": n_todo, "seconds_rank0": seconds,
                     "images_per_s_rank0": len(mine) / seconds if mine and seconds > 0 else None}
-        (out / "settings.json").write_text(json.dumps(settings, indent=2))
-        click.echo(f"wrote {len(todo)} images to {out} ({len(class_list) * per_class - len(todo)} already there)")
+        write_settings(out, settings)
+        click.echo(f"wrote {n_todo} images to {out} ({len(done)} already there)")
     distributed.shutdown()
 
 

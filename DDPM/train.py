@@ -27,7 +27,7 @@ from sfd_ddpm import config as C  # noqa: E402
 @click.option("--outdir", type=click.Path(file_okay=False), default="runs",
               help="Parent folder; each run gets a numbered sub-folder NNNNN-<config name>.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), metavar="RUN_DIR",
-              help="Continue a run exactly from its training-state.pt (its config.json is reused; "
+              help="Continue a run exactly from its newest training-state-*.pt (its config.json is reused; "
                    "KEY=VALUE overrides such as training.n_iters=... still apply).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto = CUDA when available.")
@@ -40,7 +40,7 @@ def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys)
     KEY=VALUE pairs override config keys (values are YAML: numbers, true/false, lists [0,1], null),
     e.g. `training.n_iters=1000 sfd.forget=[0,3]`. Unknown keys are errors.
     Weights are saved as network-NNNNNNN.safetensors (config embedded), sample grids as PNG, losses
-    and images/s in log.jsonl, and training-state.pt allows an exact --resume.
+    and images/s in log.jsonl, and training-state-*.pt (the newest training.keep_states kept) allow an exact --resume.
     """
     if list_keys:
         click.echo("\n".join(C.describe()))
@@ -64,26 +64,51 @@ def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys)
     run(cfg, config_path, outdir, resume_dir, device)
 
 
+def check_outdir(outdir) -> None:
+    """Fail before any work when --outdir cannot hold a run (a file in its path, or no write permission)."""
+    import os
+
+    existing = Path(outdir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise click.ClickException(f"--outdir {outdir}: {existing} is a file, not a folder; choose another --outdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise click.ClickException(f"--outdir {outdir}: {existing} is not writable; choose another --outdir")
+
+
 def run(cfg, config_path, outdir, resume_dir, device):
-    from sfd_ddpm import distributed
+    from sfd_ddpm import distributed, run_guard
     from sfd_ddpm.checkpoints import CheckpointError
     from sfd_ddpm.methods import get_method
     from sfd_ddpm.training import NonFiniteLoss, new_run_dir, train
 
     import torch
 
+    if not resume_dir:
+        check_outdir(outdir)
     dist = distributed.init(None if device == "auto" else device)
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank; train() then seeds seed + rank
+    run_dir = Path(resume_dir) if resume_dir else None
+    locked = False
     try:
-        method = get_method(cfg["method"])(cfg, dist)
-        run_dir = Path(resume_dir) if resume_dir else None
+        if run_dir is not None and dist.is_main:  # before any work: a second writer of this run stops here
+            locked = bool(run_guard.lock(run_dir))
+        method = get_method(cfg["method"])(cfg, dist)  # checks every input; the run folder comes after
         if run_dir is None and dist.is_main:
             run_dir = new_run_dir(outdir, f"{Path(config_path).stem}")
+            locked = bool(run_guard.lock(run_dir))
             dist.print0(f"run directory: {run_dir}")
-        train(method, cfg, run_dir, dist, resume=bool(resume_dir))
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError) as err:
+        if dist.is_main:
+            run_guard.remove_stale_temporaries(run_dir)  # left by a killed write
+        train(method, method.cfg, run_dir, dist, resume=bool(resume_dir))  # with the architecture it adopted
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError, run_guard.RunLocked) as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(f"{err.filename or run_dir}: {err.strerror or err}") from None
     finally:
+        if locked:
+            run_guard.unlock(run_dir)
         distributed.shutdown()
 
 

@@ -27,10 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sfd_ddpm import config as C  # noqa: E402
-from sfd_ddpm.diffusion import Denoiser, eps_loss  # noqa: E402
+from sfd_ddpm.diffusion import Denoiser, eps_loss, schedule_of  # noqa: E402
 from sfd_ddpm.distributed import Dist  # noqa: E402
 from sfd_ddpm.losses import fake_score_loss, generator_loss  # noqa: E402
-from sfd_ddpm.methods.pretrain import schedule_of  # noqa: E402
 from sfd_ddpm.methods.sfd import SFD  # noqa: E402
 from sfd_ddpm.networks import build_network, count_parameters  # noqa: E402
 from sfd_ddpm.samplers import NoiseStreams, ddpm_ancestral, one_step  # noqa: E402

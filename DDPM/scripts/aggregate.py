@@ -5,7 +5,9 @@ Reads OUT/<row>/ua.json and OUT/<row>/fid.json (evaluate.py) for the rows pretra
 sa, salun, esd (missing rows are listed as not run) and writes OUT/table.md (and prints it). The
 reference columns are the authors' own CIFAR-10 numbers (class 0 forgotten, FID on classes 1-9
 against their 45k training images); they are comparable only with DATASET=cifar10 at real scale
-and FID_FEATURES=inception.
+and FID_FEATURES=inception. Rows with OUT/<row>/attack.json (evaluate.py attack, run by the scripts
+unless ATTACKS=0) add the attack columns: success rate of the noise search and of the better
+label-embedding search at the largest budget (--no-attacks leaves them out).
 """
 from __future__ import annotations
 
@@ -39,18 +41,29 @@ def collect(out: Path) -> list[dict]:
             row.update(ua=ua["ua"], remaining_acc=ua.get("remaining_accuracy"), fid=res.get(prefix + "fid"),
                        fid_kind="classifier" if prefix else "inception", is_mean=res.get("is_mean"),
                        precision=res.get(prefix + "precision"), recall=res.get(prefix + "recall"))
+        attack_path = out / key / "attack.json"
+        if attack_path.exists():
+            rec = json.loads(attack_path.read_text())
+            res, budget = rec["results"], rec["settings"]["budgets"][-1]
+            row.update(attack_budget=budget, noise_attack=res["at_budget"].get("noise", {}).get("success_rate"),
+                       embedding_attack=(res["embedding_best"] or {}).get("success_rate"))
         rows.append(row)
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| model | UA | remaining acc | FID (ours) | IS | precision | recall || ref. w | ref. IS | ref. FID | "
+def table(rows: list[dict], attacks: bool = True) -> str:
+    budgets = sorted({r["attack_budget"] for r in rows if "attack_budget" in r})
+    attacks = attacks and bool(budgets)
+    at = "@" + "/".join(map(str, budgets)) if attacks else ""
+    extra = f" noise attack {at} | embedding attack {at} |" if attacks else ""
+    head = (f"| model | UA | remaining acc | FID (ours) | IS | precision | recall |{extra}| ref. w | ref. IS | ref. FID | "
             "ref. precision | ref. recall |")
-    lines = [head, "|---|---|---|---|---|---|---||---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|" + ("---|---|" if attacks else "") + "|---|---|---|---|---|"]
     for r in rows:
         ref = REFERENCE.get(r["row"], (None,) * 5)
-        ours = ([_fmt(r.get(k)) for k in ("ua", "remaining_acc", "fid", "is_mean", "precision", "recall")]
-                if r["ran"] else ["not run"] + ["-"] * 5)
+        keys = ("ua", "remaining_acc", "fid", "is_mean", "precision", "recall") + (
+            ("noise_attack", "embedding_attack") if attacks else ())
+        ours = [_fmt(r.get(k)) for k in keys] if r["ran"] else ["not run"] + ["-"] * (len(keys) - 1)
         lines.append(f"| {r['name']} | {' | '.join(ours)} || {' | '.join(_fmt(v, 2) for v in ref)} |")
     return "\n".join(lines)
 
@@ -58,7 +71,8 @@ def table(rows: list[dict]) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, exists=True),
               help="The scripts' OUT folder (e.g. runs/paper-cifar10).")
-def main(out):
+@click.option("--no-attacks", is_flag=True, help="Leave out the attack columns even where attack.json exists.")
+def main(out, no_attacks):
     """Write OUT/table.md: our numbers beside the reference numbers of SPEC section 7."""
     out = Path(out)
     rows = collect(out)
@@ -66,7 +80,11 @@ def main(out):
         raise click.ClickException(f"no evaluated rows (ROW/ua.json + ROW/fid.json) under {out}")
     kinds = sorted({r["fid_kind"] for r in rows if r["ran"]})
     text = (f"# Class forgetting ({out})\n\nOur FID: {', '.join(kinds)} features. Reference: the authors' CIFAR-10 "
-            f"evaluation logs (SPEC section 7; class 0 forgotten, FID on classes 1-9).\n\n{table(rows)}\n")
+            f"evaluation logs (SPEC section 7; class 0 forgotten, FID on classes 1-9)."
+            + ("" if no_attacks or not any("attack_budget" in r for r in rows) else
+               " Attack columns: share of attacked images classified as the forget class after that many gradient "
+               "steps of a white-box search (evaluate.py attack; see README, \"Attacks\").")
+            + f"\n\n{table(rows, not no_attacks)}\n")
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     click.echo(text)

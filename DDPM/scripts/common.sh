@@ -17,6 +17,8 @@
 #   GUIDANCE          classifier-free guidance of the baselines' samples (SPEC 7: ESD/SalUn 2)  [2]
 #   FID_FEATURES      inception (the paper's FID) or classifier (features of $CLASSIFIER) [inception]
 #   INCEPTION_WEIGHTS local FID Inception weights for offline use (optional)
+#   ATTACKS           1 = also run evaluate.py attack on each row's model into ROW/attack.json; 0 = skip [1]
+#   ATTACK_ARGS       extra evaluate.py attack options, e.g. "--budgets 0,10,50 --n 64"
 #   TEACHER_ARGS, METHOD_ARGS, FISHER_ARGS, CLASSIFIER_ARGS   extra arguments (KEY=VALUE overrides for
 #                     train.py), e.g. a tiny budget for a smoke test
 set -euo pipefail
@@ -34,6 +36,8 @@ DDPM_STEPS=${DDPM_STEPS:-100}
 GUIDANCE=${GUIDANCE:-2}
 FID_FEATURES=${FID_FEATURES:-inception}
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
+ATTACKS=${ATTACKS:-1}
+read -r -a ATTACK_ARGS <<< "${ATTACK_ARGS:-}"
 read -r -a TEACHER_ARGS <<< "${TEACHER_ARGS:-}"
 read -r -a METHOD_ARGS <<< "${METHOD_ARGS:-}"
 read -r -a FISHER_ARGS <<< "${FISHER_ARGS:-}"
@@ -99,6 +103,10 @@ sample_and_evaluate() {  # sample_and_evaluate ROW CKPT SAMPLE_ARGS...: images, 
     [ -n "$INCEPTION_WEIGHTS" ] && fid_args+=(--inception-weights "$INCEPTION_WEIGHTS")
     "$PYTHON" evaluate.py fid --images "$OUT/$row/samples" --ref "$REF" --exclude "$FORGET" \
         --out "$OUT/$row/fid.json" --no-progress "${fid_args[@]}"
+    if [ "$ATTACKS" = 1 ]; then
+        "$PYTHON" evaluate.py attack --ckpt "$ckpt" --classifier "$CLASSIFIER" --forget "$FORGET" \
+            --out "$OUT/$row/attack.json" "${ATTACK_ARGS[@]}"
+    fi
     echo "$row: $OUT/$row/ua.json $OUT/$row/fid.json"
 }
 

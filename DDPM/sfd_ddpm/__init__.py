@@ -1,7 +1,7 @@
 """Class-conditional pixel diffusion and score-based unlearning (SFD, SiD, baselines).
 
 Modules, one idea each:
-  diffusion    - the VP schedule and the one denoiser interface every loss and sampler uses
+  diffusion    - the VP schedule and the one denoiser interface every loss and sampler uses (VP or EDM)
   networks     - the class-conditional eps-prediction UNet (diffusers UNet2DModel)
   samplers     - ancestral DDPM, DDIM and the one-step generator, with per-seed noise streams
   data         - CIFAR-10, STL-10, MNIST and the built-in procedural dataset; remain/forget splits

@@ -39,6 +39,15 @@ def atomic_write(path: str | Path, write) -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the ``.NAME.XXXX.tmp`` files that atomic_write leaves when its process is killed mid-write
+    (call at the start of a run, when no other writer is active in ``folder``)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_weights(path, networks: dict[str, dict], cfg: dict, step: int, kind: str) -> None:
     """Save ``{name: state_dict}`` as one safetensors file with the config as metadata."""
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, sd in networks.items() for k, v in sd.items()}
@@ -53,6 +62,9 @@ def read_metadata(path) -> dict:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+    if "config" not in meta and meta.get("kind") == "classifier":
+        raise CheckpointError(f"{path} is a classifier (from train_classifier.py), not a diffusion checkpoint; "
+                              f"give it to evaluate.py as --classifier")
     if "config" not in meta:
         raise CheckpointError(f"{path} has no embedded config; was it written by this project?")
     return {"config": json.loads(meta["config"]), "step": int(meta.get("step", 0)),
@@ -66,11 +78,21 @@ def load_weights(path) -> tuple[dict[str, dict], dict]:
         flat = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
+    check_finite(flat, path)
     nets: dict[str, dict] = {}
     for key, value in flat.items():
         name, sub = key.split(".", 1)
         nets.setdefault(name, {})[sub] = value
     return nets, meta
+
+
+def check_finite(tensors: dict, source) -> None:
+    """Refuse weights holding NaN or infinity: sampling from them gives black images, training NaN losses."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            n = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {n} non-finite value(s) (NaN or inf); the "
+                                  f"checkpoint is unusable, use an earlier snapshot")
 
 
 def load_into(module: torch.nn.Module, state: dict, source: str) -> None:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .checkpoints import CheckpointError, atomic_write
+from .checkpoints import CheckpointError, atomic_write, check_finite
 
 ARCHITECTURES = ("small_cnn", "resnet34")
 FORMAT = "sfd_ddpm.classifier/1"
@@ -260,6 +260,7 @@ def load_classifier(path, device="cpu") -> tuple[nn.Module, dict]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
+    check_finite(state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

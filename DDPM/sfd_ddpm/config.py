@@ -41,9 +41,12 @@ SCHEMA: dict = {
         "builtin_per_class": K(1000, "built-in dataset: training images per class"),
     },
     "model": {
-        "base_channels": K(128, "UNet width ch"),
+        "arch": K("unet2d", "backbone: unet2d (Ho et al.'s DDPM UNet, eps-prediction, discrete VP timesteps; "
+                            "`diffusion` keys) or songunet (EDM's DDPM++ SongUNet with EDM preconditioning, "
+                            "continuous sigma; `edm` keys)"),
+        "base_channels": K(128, "UNet width ch (songunet: model_channels)"),
         "channel_mult": K([1, 2, 2, 2], "width multiplier per resolution level"),
-        "layers_per_block": K(2, "residual blocks per level"),
+        "layers_per_block": K(2, "residual blocks per level (songunet: num_blocks)"),
         "attn_resolutions": K([16], "resolutions with self-attention"),
         "dropout": K(0.1, "dropout in residual blocks (active in train mode)"),
         "output": K("eps", "what the UNet outputs: eps (the paper) or v, turned into eps = b_t x_t + a_t v "
@@ -51,6 +54,21 @@ SCHEMA: dict = {
         "conditional": K(True, "false = an unconditional DDPM: the network always receives the null class "
                                "(every label is replaced by it, in training and sampling), as if trained with "
                                "label dropout 1.0; the VDU paper's setting"),
+        "null_class": K(True, "the network has a usable null class (label n_classes; trained with label "
+                              "dropout), so classifier-free guidance is possible; false for NVIDIA's EDM "
+                              "checkpoints, which refuse guidance"),
+        "augment_dim": K(0, "songunet: size of the augmentation-label input (9 in NVIDIA's CIFAR-10 EDM "
+                            "networks, fed zeros when sampling; 0 = none)"),
+    },
+    "edm": {
+        "precond": K("vp", "songunet preconditioning: vp (VPPrecond, as NVIDIA's CIFAR-10 teachers) or edm "
+                           "(EDMPrecond: c_skip, c_out, c_in, c_noise of Karras et al., Table 1)"),
+        "sigma_min": K(0.002, "smallest sigma of the sampler and of the rho-schedule"),
+        "sigma_max": K(80.0, "largest sigma of the sampler and of the rho-schedule"),
+        "rho": K(7.0, "rho of the schedule sigma(u) = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho"),
+        "sigma_data": K(0.5, "sigma_data of the EDM preconditioning and loss weight"),
+        "P_mean": K(-1.2, "pretraining (and SiD fake-score) noise levels: ln sigma ~ N(P_mean, P_std^2)"),
+        "P_std": K(1.2, "see P_mean"),
     },
     "diffusion": {
         "beta_start": K(1e-4, "first beta of the linear schedule"),
@@ -71,6 +89,7 @@ SCHEMA: dict = {
         "log_every": K(50, "iterations between log.jsonl lines"),
         "snapshot_every": K(5000, "iterations between weight snapshots and sample grids"),
         "state_every": K(1000, "iterations between training-state saves (for --resume)"),
+        "keep_states": K(2, "training states kept on disk: the newest K (0 = all)"),
         "early_snapshots": K(0, "extra log-spaced snapshots before the first regular one (0 = none)"),
     },
     "grid": {
@@ -93,9 +112,15 @@ SCHEMA: dict = {
         "classifier": K(None, "classifier checkpoint for override='classifier'"),
         "classifier_mode": K("argmax", "classifier pseudo-label: argmax or sample"),
         "alpha": K(1.2, "SiD alpha"),
-        "t_min": K(38, "timesteps drawn from U{t_min..t_max-1}"),
+        "t_min": K(38, "timesteps drawn from U{t_min..t_max-1} (EDM backbone: u ~ U[t_min/1000, t_max/1000) on "
+                       "the rho-schedule sigma(u); SiD's EDM setting is t_min 0, t_max 800)"),
         "t_max": K(712, "exclusive upper timestep"),
-        "t_init": K(440, "t* of the one-step generator"),
+        "t_init": K(440, "t* of the one-step generator (DDPM backbone)"),
+        "sigma_init": K(2.5, "EDM backbone: the one-step generator's noise level, G(z, c) = D(sigma_init z; "
+                             "sigma_init, c)"),
+        "fake_score_levels": K("range", "noise levels of the fake-score loss: range (the generator's [t_min, t_max), "
+                                        "the DDPM tree's choice) or pretrain (the backbone's pretraining "
+                                        "distribution: SiD's choice for EDM teachers, log-normal sigma)"),
         "lambda_phi_r": K(1.0, "fake-score remain weight"),
         "lambda_phi_f": K(0.01, "fake-score forget weight"),
         "lambda_theta_r": K(1.0, "generator remain weight"),
@@ -168,6 +193,13 @@ SCHEMA: dict = {
 }
 
 
+# Counts and sizes that make no sense below a minimum (checked when a value is set).
+MINIMUM = {f"training.{k}": 1 for k in ("batch_size", "n_iters", "log_every", "snapshot_every", "state_every")}
+MINIMUM.update({"training.early_snapshots": 0, "grid.steps": 1, "grid.per_class": 1, "data.image_size": 1,
+                "data.channels": 1, "data.n_classes": 1, "data.builtin_per_class": 1, "data.num_workers": 0,
+                "diffusion.num_timesteps": 1, "model.base_channels": 1, "model.layers_per_block": 1})
+
+
 def _is_leaf(node) -> bool:
     return isinstance(node, tuple)
 
@@ -207,6 +239,13 @@ def _check_type(path: str, value, default):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         if isinstance(default, float):
             value = float(value)
+        elif isinstance(value, float):  # an integer key (a count, a batch size): 8.0 is 8, 8.5 is an error
+            if not value.is_integer():
+                raise ConfigError(f"{path} must be a whole number, got {value!r}")
+            value = int(value)
+        low = MINIMUM.get(path)
+        if low is not None and value < low:
+            raise ConfigError(f"{path} must be at least {low}, got {value!r}")
     elif isinstance(default, list) and not isinstance(value, list) and path != "sfd.forget":
         raise ConfigError(f"{path} must be a list, got {value!r}")
     elif isinstance(default, str) and not isinstance(value, str):
@@ -249,6 +288,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     for text in overrides:
         _merge(cfg, parse_override(text), SCHEMA)
     return cfg
+
+
+ARCHITECTURE_SECTIONS = ("model", "diffusion", "edm")
+ARCHITECTURE_DATA_KEYS = ("image_size", "channels", "n_classes", "dataset")
+
+
+def with_architecture(cfg: dict, arch: dict) -> dict:
+    """A new config: ``cfg`` with the network architecture, noise process and data shape of ``arch``
+    (the embedded config of a checkpoint a method starts from). Sections a checkpoint predates take
+    the schema defaults; ``cfg`` itself is left unchanged."""
+    out = copy.deepcopy(cfg)
+    base = defaults()
+    for key in ARCHITECTURE_SECTIONS:
+        out[key] = {**base[key], **copy.deepcopy(arch.get(key, {}))}
+    for key in ARCHITECTURE_DATA_KEYS:
+        out["data"][key] = arch["data"][key]
+    return out
 
 
 def describe(schema: dict = SCHEMA, where: str = "") -> list[str]:

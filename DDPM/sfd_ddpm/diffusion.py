@@ -1,7 +1,16 @@
 """Discrete VP diffusion (SPEC section 2) and the denoiser interface.
 
-Every loss and sampler in this package is written once against :class:`Denoiser`, which wraps any
-eps-prediction network ``net(x_t, t, label) -> eps`` (a raw module or a DDP wrapper).
+Every loss and sampler in this package is written once against :class:`Denoiser`. A denoiser is a
+network (a raw module or a DDP wrapper) and a *noise process* that says what a noise level is and
+what the network outputs:
+
+- :class:`VPSchedule` (this module): levels are integer timesteps t, x_t = a_t x_0 + b_t eps, and the
+  network ``net(x_t, t, label)`` predicts eps;
+- :class:`sfd_ddpm.edm.EDMSchedule`: levels are continuous sigma, x = x_0 + sigma eps, and the
+  (preconditioned) network ``net(x, sigma, label)`` returns the denoised D(x; sigma, c).
+
+Both processes answer the same questions (add noise, turn an output into x0 or eps, draw the
+pretraining levels, the denoising loss), so losses, samplers and methods never ask which one they run on.
 """
 from __future__ import annotations
 
@@ -48,6 +57,43 @@ class VPSchedule:
         """t ~ U{lo..hi-1}, independently per sample (exclusive upper bound, SPEC section 2)."""
         return torch.randint(lo, hi, (n,), device=device, generator=generator)
 
+    # ---- the noise-process interface shared with sfd_ddpm.edm.EDMSchedule ----
+    def noise_scale(self, t):
+        """The coefficient of eps in x_t: pure noise at level t is ``noise_scale(t) * z``."""
+        return self.b(t)
+
+    def x0_from(self, x_t, t, eps):
+        """The denoised estimate of an eps-prediction: (x_t - b_t eps) / a_t."""
+        return (x_t - _bc(self.b(t), x_t) * eps) / _bc(self.a(t), x_t)
+
+    def eps_from(self, x_t, t, eps):
+        return eps
+
+    def eps_given_x0(self, x_t, t, x0):
+        """The eps consistent with a (clipped) x0: (x_t - a_t x0) / b_t."""
+        return (x_t - _bc(self.a(t), x_t) * x0) / _bc(self.b(t), x_t)
+
+    def sample_train(self, n: int, device, generator=None) -> torch.Tensor:
+        """Pretraining levels: t ~ U{0..T-1}."""
+        return self.sample_t(n, 0, self.num_timesteps, device, generator)
+
+    def sample_range(self, n: int, lo: int, hi: int, device) -> torch.Tensor:
+        """Distillation levels between positions lo and hi of the T-step grid: t ~ U{lo..hi-1}."""
+        return self.sample_t(n, lo, hi, device)
+
+    def ddim_grid(self, steps: int) -> list[int]:
+        """DDIM's uniform sub-sequence 0, k, 2k, ... (k = T // steps), ascending."""
+        return list(range(0, self.num_timesteps, self.num_timesteps // steps))
+
+    def generator_level(self, sfd_cfg: dict) -> int:
+        """The one-step generator's level: t* = ``sfd.t_init``."""
+        return int(sfd_cfg["t_init"])
+
+    def denoising_loss(self, denoiser: "Denoiser", x0, label, t, eps) -> torch.Tensor:
+        """Per-sample pixel-summed eps-prediction loss ||eps - eps(x_t, t, c)||^2 (Ho et al.)."""
+        x_t = self.add_noise(x0, t, eps)
+        return (eps - denoiser.eps(x_t, t, label)).square().flatten(1).sum(1)
+
 
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample vector over the remaining dimensions of ``like``."""
@@ -56,38 +102,73 @@ def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-class Denoiser:
-    """eps(x_t, t, c) and the denoised estimate f(x_t, t, c) = (x_t - b_t eps) / a_t.
+class NoGuidance(ValueError):
+    """Classifier-free guidance asked of a network without a null class."""
 
-    ``null_label`` is the learned "no class" embedding used for classifier-free guidance:
-    guided eps = (1 + w) eps(x, c) - w eps(x, null) (SPEC section 4). With w = 0 only the
-    conditional pass runs.
+
+class Denoiser:
+    """eps(x_t, t, c) and the denoised estimate f(x_t, t, c) at a noise level t (an integer timestep
+    or a sigma, as the schedule defines it).
+
+    ``null_label`` is the learned "no class" input used for classifier-free guidance:
+    guided output = (1 + w) out(x, c) - w out(x, null) (SPEC section 4); the combination is linear, so it
+    is the same whether the network predicts eps or x0. With w = 0 only the conditional pass runs.
+    ``null_label = None``: the network has no null class (e.g. NVIDIA's EDM checkpoints, trained without
+    label dropout) and guidance is refused.
     """
 
-    def __init__(self, net, schedule: VPSchedule, null_label: int):
+    def __init__(self, net, schedule, null_label: int | None):
         self.net = net
         self.schedule = schedule
         self.null_label = null_label
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, label: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
+    def output(self, x_t: torch.Tensor, t, label: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
+        """The (guided) raw network output: eps for a VP network, D for an EDM network."""
         t = _per_sample(t, x_t)
         if guidance == 0:
             return self.net(x_t, t, label)
+        check_guidance(self.null_label, guidance)
         null = torch.full_like(label, self.null_label)
-        eps_c, eps_u = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([label, null])).chunk(2)
-        return (1 + guidance) * eps_c - guidance * eps_u
+        out_c, out_u = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([label, null])).chunk(2)
+        return (1 + guidance) * out_c - guidance * out_u
+
+    def eps(self, x_t: torch.Tensor, t, label: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
+        t = _per_sample(t, x_t)
+        return self.schedule.eps_from(x_t, t, self.output(x_t, t, label, guidance))
 
     def __call__(self, x_t, t, label, guidance: float = 0.0) -> torch.Tensor:
         t = _per_sample(t, x_t)
-        eps = self.eps(x_t, t, label, guidance)
-        return (x_t - _bc(self.schedule.b(t), x_t) * eps) / _bc(self.schedule.a(t), x_t)
+        return self.schedule.x0_from(x_t, t, self.output(x_t, t, label, guidance))
 
     denoise = __call__
+
+    def predict(self, x_t, t, label, guidance: float = 0.0, clip_x0: bool = False):
+        """(x0_hat, eps_hat) from one (guided) evaluation; with ``clip_x0`` x0_hat is clamped to
+        [-1, 1] and eps_hat made consistent with it."""
+        t = _per_sample(t, x_t)
+        out = self.output(x_t, t, label, guidance)
+        x0, eps = self.schedule.x0_from(x_t, t, out), self.schedule.eps_from(x_t, t, out)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.schedule.eps_given_x0(x_t, t, x0)
+        return x0, eps
+
+    def loss(self, x0, label, t, eps) -> torch.Tensor:
+        """The backbone's per-sample denoising score-matching loss (see the schedule's ``denoising_loss``)."""
+        return self.schedule.denoising_loss(self, x0, label, _per_sample(t, x0), eps)
+
+
+def check_guidance(null_label, guidance: float) -> None:
+    """Refuse guidance for a network without a null class, with what to do instead."""
+    if guidance and null_label is None:
+        raise NoGuidance("this network has no null class (it was trained without label dropout, as NVIDIA's "
+                         "public EDM checkpoints were), so classifier-free guidance is unavailable; use guidance 0")
 
 
 def _per_sample(t, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(t):
-        return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        dtype = torch.float32 if isinstance(t, float) else torch.long
+        return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
     if t.dim() == 0:
         return t.expand(x.shape[0]).to(x.device)
     return t
@@ -95,6 +176,16 @@ def _per_sample(t, x: torch.Tensor) -> torch.Tensor:
 
 def eps_loss(denoiser: Denoiser, x0: torch.Tensor, label: torch.Tensor, t: torch.Tensor,
              eps: torch.Tensor) -> torch.Tensor:
-    """Per-sample pixel-summed eps-prediction loss ||eps - eps(x_t, t, c)||^2 (Ho et al.)."""
-    x_t = denoiser.schedule.add_noise(x0, t, eps)
-    return (eps - denoiser.eps(x_t, t, label)).square().flatten(1).sum(1)
+    """Per-sample denoising loss of the denoiser's backbone at x_t = noised x0 (pixel sums): the
+    eps-prediction loss ||eps - eps(x_t, t, c)||^2 of Ho et al. for the VP DDPM, EDM's weighted
+    lambda(sigma) ||D(x; sigma, c) - x0||^2 for an EDM network."""
+    return denoiser.loss(x0, label, t, eps)
+
+
+def schedule_of(cfg: dict):
+    """The noise process of a resolved config: discrete VP for ``model.arch=unet2d``, EDM's sigma for songunet."""
+    if cfg["model"].get("arch", "unet2d") == "songunet":
+        from .edm import EDMSchedule
+        return EDMSchedule.from_config(cfg)
+    d = cfg["diffusion"]
+    return VPSchedule(d["beta_start"], d["beta_end"], d["num_timesteps"])

@@ -25,7 +25,20 @@ def image_name(label: int, index: int) -> str:
     return f"{label:03d}_{index:05d}.png"
 
 
+class NonFiniteImages(ValueError):
+    """Generated images holding NaN or infinity (a broken model); never written as black PNGs."""
+
+
+def check_finite_images(x: torch.Tensor, labels, indices) -> None:
+    bad = (~torch.isfinite(x.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        first = image_name(int(labels[bad[0]]), int(indices[bad[0]]))
+        raise NonFiniteImages(f"{len(bad)} of {len(x)} generated images hold NaN or inf values (e.g. {first}); "
+                              f"nothing was written for them: the model is broken (check its checkpoint)")
+
+
 def save_images(x: torch.Tensor, labels, indices, out: Path) -> None:
+    check_finite_images(x, labels, indices)
     out.mkdir(parents=True, exist_ok=True)
     for img, c, i in zip(to_uint8(x), labels, indices):
         Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(out / image_name(int(c), int(i)))
@@ -46,9 +59,14 @@ def list_images(folder, exclude: set[int] = frozenset(), include: set[int] | Non
     return out
 
 
-def load_image(path) -> torch.Tensor:
-    """A PNG as a (C, H, W) tensor in [-1, 1]."""
-    a = np.asarray(Image.open(path))
+def load_image(path, channels: int | None = None) -> torch.Tensor:
+    """A PNG as a (C, H, W) tensor in [-1, 1]. ``channels`` 3 converts grey, palette and RGBA files to RGB
+    (alpha dropped), 1 converts to grey; None keeps grey and RGB and turns any other mode into RGB."""
+    img = Image.open(path)
+    mode = {1: "L", 3: "RGB"}.get(channels) or (img.mode if img.mode in ("L", "RGB") else "RGB")
+    if img.mode != mode:
+        img = img.convert(mode)
+    a = np.asarray(img)
     if a.ndim == 2:
         a = a[..., None]
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1

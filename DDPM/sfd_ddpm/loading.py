@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointError, load_into, load_weights
-from .diffusion import Denoiser, VPSchedule
+from .diffusion import Denoiser, schedule_of
 from .networks import build_network
 
 # Which network of a weights file to sample from: (with EMA, without EMA) per kind.
@@ -41,8 +41,7 @@ def load_network(path, name: str | None = None, device="cpu", use_ema: bool = Tr
 
 
 def denoiser_for(net, cfg: dict) -> Denoiser:
-    d = cfg["diffusion"]
-    return Denoiser(net, VPSchedule(d["beta_start"], d["beta_end"], d["num_timesteps"]), net.null_label)
+    return Denoiser(net, schedule_of(cfg), net.null_label)
 
 
 def parse_classes(text: str, n_classes: int) -> list[int]:

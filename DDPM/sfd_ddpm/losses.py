@@ -13,10 +13,10 @@ from .diffusion import Denoiser
 
 def fake_score_loss(fake_score: Denoiser, x_g: torch.Tensor, label: torch.Tensor, t: torch.Tensor,
                     eps: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching on generator samples, generator stopped:
-    L_phi = || eps - eps_phi(a_t sg(x_g) + b_t eps, t, c) ||^2."""
-    x_t = fake_score.schedule.add_noise(x_g.detach(), t, eps)
-    return (eps - fake_score.eps(x_t, t, label)).square().flatten(1).sum(1)
+    """Denoising score matching on generator samples, generator stopped, with the backbone's loss:
+    VP: L_phi = || eps - eps_phi(a_t sg(x_g) + b_t eps, t, c) ||^2;
+    EDM: L_phi = lambda(sigma) || D_phi(sg(x_g) + sigma eps; sigma, c) - sg(x_g) ||^2 (SPEC section 4)."""
+    return fake_score.loss(x_g.detach(), label, t, eps)
 
 
 def sid_loss(x_g: torch.Tensor, f_teacher: torch.Tensor, f_fake: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -30,7 +30,8 @@ def sid_loss(x_g: torch.Tensor, f_teacher: torch.Tensor, f_fake: torch.Tensor, a
 def generator_loss(teacher: Denoiser, fake_score: Denoiser, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                    label_teacher: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], label_fake: torch.Tensor,
                    alpha: float) -> torch.Tensor:
-    """SiD generator loss at x_t = a_t x_g + b_t eps; gradients reach theta through x_g and through the
+    """SiD generator loss at x_t = noised x_g (a_t x_g + b_t eps, or x_g + sigma eps for EDM); gradients
+    reach theta through x_g and through the
     inputs of both (frozen) networks. ``label_teacher`` may be a function of the fake score's denoised
     estimate (classifier pseudo-labels), which is why the fake score is evaluated first."""
     x_t = teacher.schedule.add_noise(x_g, t, eps)

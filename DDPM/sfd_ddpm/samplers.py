@@ -42,21 +42,11 @@ def ddpm_ancestral(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams
     for t in _steps(range(sched.num_timesteps - 1, -1, -1), progress):
         beta, abar = sched.betas[t].item(), sched.abar[t].item()
         abar_prev = sched.abar[t - 1].item() if t > 0 else 1.0
-        x0, _ = _predict_x0(denoiser, x, t, labels, guidance, abar, clip_x0)
+        x0, _ = denoiser.predict(x, t, labels, guidance, clip_x0)
         x = (abar_prev ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - abar_prev) * x) / (1 - abar)
         if t > 0:
             x = x + (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 * noise.randn()
     return x
-
-
-def _predict_x0(denoiser, x, t, labels, guidance, abar, clip_x0):
-    """(x0_hat, eps_hat); with ``clip_x0`` x0_hat is clamped to [-1, 1] and eps_hat made consistent."""
-    eps = denoiser.eps(x, t, labels, guidance)
-    x0 = (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
-    return x0, eps
 
 
 @torch.no_grad()
@@ -76,7 +66,7 @@ def ddim(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, steps: i
     for i in _steps(range(len(seq) - 1, -1, -1), progress):
         t = seq[i]
         abar, abar_prev = sched.abar[t].item(), (sched.abar[seq[i - 1]].item() if i > 0 else 1.0)
-        x0, eps = _predict_x0(denoiser, x, t, labels, guidance, abar, clip_x0)
+        x0, eps = denoiser.predict(x, t, labels, guidance, clip_x0)
         c1 = eta * ((1 - abar / abar_prev) * (1 - abar_prev) / (1 - abar)) ** 0.5
         c2 = max(1 - abar_prev - c1 ** 2, 0.0) ** 0.5
         x = abar_prev ** 0.5 * x0 + c2 * eps
@@ -85,12 +75,12 @@ def ddim(denoiser: Denoiser, labels: torch.Tensor, noise: NoiseStreams, steps: i
     return x
 
 
-def one_step(generator: Denoiser, labels: torch.Tensor, z: torch.Tensor, t_init: int,
+def one_step(generator: Denoiser, labels: torch.Tensor, z: torch.Tensor, t_init,
              guidance: float = 0.0) -> torch.Tensor:
-    """The one-step generator G(z, c) = sigma_{t*} (z - eps(b_{t*} z, t*, c)) (SPEC section 3), with
-    optional guidance (0 in the paper's evaluation)."""
-    b = generator.schedule.b(t_init)
-    return generator(b * z, t_init, labels, guidance)
+    """The one-step generator: the denoiser applied to pure noise at level t_init, with optional
+    guidance (0 in the paper's evaluation). VP: G(z, c) = sigma_{t*} (z - eps(b_{t*} z, t*, c))
+    (SPEC section 3); EDM: G(z, c) = D(sigma_init z; sigma_init, c) (SPEC section 4)."""
+    return generator(generator.schedule.noise_scale(t_init) * z, t_init, labels, guidance)
 
 
 def sample(denoiser: Denoiser, sampler: str, labels: torch.Tensor, seeds: list[int], shape, *, steps: int = 100,

@@ -3,7 +3,7 @@
 A method (see ``methods/``) builds its networks and optimizers and implements ``train_step``; this
 loop owns everything around it. Only rank 0 writes files. A training state (every rank's RNG state
 included) is saved every ``training.state_every`` iterations and at the end, so ``--resume`` continues
-exactly. A non-finite loss stops the run with a message naming the step and the term, before
+exactly; the newest ``training.keep_states`` are kept (``rotation.py``). A non-finite loss stops the run with a message naming the step and the term, before
 anything is overwritten.
 """
 from __future__ import annotations
@@ -19,11 +19,10 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from . import checkpoints
+from . import checkpoints, rotation
 from .config import to_json
 from .distributed import Dist
 
-STATE_FILE = "training-state.pt"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,7 +75,7 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
     n_iters = tr["n_iters"]
     start = 0
     if resume:
-        state = checkpoints.load_state(run_dir / STATE_FILE)
+        state = checkpoints.load_state(rotation.latest_state(run_dir))
         method.load_state_dict(state["method"])
         start = int(state["step"])
         rngs = state["rng"]
@@ -84,6 +83,9 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
             raise ValueError(f"the run was saved with {len(rngs)} processes; resume it with the same number "
                              f"(got {dist.world_size}) for an exact continuation")
         _set_rng_state(rngs[dist.rank])
+        if dist.is_main:
+            from .run_guard import truncate_log
+            truncate_log(run_dir, start)  # the iterations after the saved state are redone and logged again
         dist.print0(f"resumed {run_dir} at iteration {start}")
     else:
         torch.manual_seed(cfg["seed"] + dist.rank)
@@ -116,7 +118,7 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
         if done in snaps:
             _snapshot(method, cfg, run_dir, dist, done)
         if done % tr["state_every"] == 0 or done == n_iters:
-            _save_state(method, run_dir, dist, done)
+            _save_state(method, run_dir, dist, done, tr["keep_states"])
         bar.update(1)
     bar.close()
     return record
@@ -132,10 +134,12 @@ def _snapshot(method, cfg, run_dir, dist, done: int) -> None:
     dist.barrier()
 
 
-def _save_state(method, run_dir, dist, done: int) -> None:
+def _save_state(method, run_dir, dist, done: int, keep: int) -> None:
     rngs = _gather(dist, _rng_state())
     if dist.is_main and run_dir is not None:
-        checkpoints.save_state(run_dir / STATE_FILE, {"step": done, "rng": rngs, "method": method.state_dict()})
+        checkpoints.save_state(rotation.state_path(run_dir, done),
+                               {"step": done, "rng": rngs, "method": method.state_dict()})
+        rotation.rotate_states(run_dir, keep)  # only after the new state is complete
     dist.barrier()
 
 

@@ -20,12 +20,14 @@ method = get_method(method_name)(cfg, dist)
 drawn = []
 original = method.schedule.sample_t
 method.schedule.sample_t = lambda n, lo, hi, device, generator=None: drawn.append(original(n, lo, hi, device)) or drawn[-1]
-real_randn = torch.randn_like
+# every Gaussian draw of the training step (pretraining uses randn_like, SFD's terms randn)
+real_randn_like, real_randn = torch.randn_like, torch.randn
 noise = []
-torch.randn_like = lambda x, **k: noise.append(real_randn(x, **k)) or noise[-1]
+torch.randn_like = lambda *a, **k: noise.append(real_randn_like(*a, **k)) or noise[-1]
+torch.randn = lambda *a, **k: noise.append(real_randn(*a, **k)) or noise[-1]
 train(method, cfg, None, dist)
 mine = {"rank": dist.rank, "t": torch.cat(drawn).tolist(), "batch": int(drawn[0].shape[0]),
-        "noise_sum": float(sum(n.sum() for n in noise)) if noise else None}
+        "noise": [n.flatten()[:64].tolist() for n in noise]}
 everyone = [None] * dist.world_size
 tdist.all_gather_object(everyone, mine)
 if dist.is_main:

@@ -211,7 +211,8 @@ def test_paper_table_scripts_run_end_to_end(tmp_path):
            "METHOD_ARGS": " ".join([*TINY, "training.n_iters=2", "training.snapshot_every=2"]),
            "FISHER_ARGS": "--samples 3 --timesteps-stride 250 --steps 2",
            "CLASSIFIER_ARGS": "--epochs 1 --builtin-per-class 60", "PER_CLASS": "3", "REF_PER_CLASS": "8",
-           "DDPM_SAMPLER": "ddim", "DDPM_STEPS": "2", "FID_FEATURES": "classifier"}
+           "DDPM_SAMPLER": "ddim", "DDPM_STEPS": "2", "FID_FEATURES": "classifier",
+           "ATTACK_ARGS": "--budgets 0,2 --n 3 --steps 2"}
     def launch(row):
         return subprocess.Popen(["bash", f"scripts/{row}.sh"], cwd=TREE, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -230,6 +231,12 @@ def test_paper_table_scripts_run_end_to_end(tmp_path):
     assert agg.returncode == 0, agg.stderr
     table = (out / "table.md").read_text()
     assert "not run" not in table and table.count("\n| ") == 7 and "| 7.94 |" in table
+    assert "noise attack @2 | embedding attack @2 |" in table  # every row ran evaluate.py attack
+    rows = json.loads((out / "table.json").read_text())
+    assert all(0 <= r["noise_attack"] <= 1 and 0 <= r["embedding_attack"] <= 1 for r in rows), rows
+    plain = subprocess.run([sys.executable, "scripts/aggregate.py", "--out", out, "--no-attacks"], cwd=TREE, text=True,
+                           capture_output=True)
+    assert plain.returncode == 0 and "attack" not in (out / "table.md").read_text()
     # the header of every script explains the real-scale settings
     for row in ("sfd", "retrain", "sa", "salun", "esd"):
         assert "Real scale" in (TREE / "scripts" / f"{row}.sh").read_text()

@@ -34,7 +34,8 @@ def test_dry_run_prints_the_resolved_config():
 def test_pretrain_run_writes_its_artefacts(tiny_teacher):
     run = tiny_teacher.parent
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "log.jsonl", "training-state.pt", "network-0000004.safetensors", "grid-0000004.png"} <= names
+    assert {"config.json", "log.jsonl", "training-state-0000004.pt", "network-0000004.safetensors",
+            "grid-0000004.png"} <= names
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["images_per_s"] > 0 and "loss" in r for r in records)
@@ -82,18 +83,6 @@ def test_sfd_run_outputs_and_one_step_sampling(tmp_path, tiny_teacher):
     assert settings["sampler"] == "one_step" and settings["t_init"] == 440 and settings["nfe_per_image"] == 1
 
 
-def test_sampling_cli_is_deterministic_across_batch_sizes(tmp_path, tiny_teacher):
-    a, b = tmp_path / "a", tmp_path / "b"
-    common = ["--ckpt", tiny_teacher, "--classes", "0-2", "--per-class", "3", "--sampler", "ddim", "--steps", "3",
-              "--guidance", "1", "--seed", "5"]
-    run_script("sample.py", *common, "--out", a, "--batch", "9")
-    run_script("sample.py", *common, "--out", b, "--batch", "2")
-    files = sorted(p.name for p in a.glob("*.png"))
-    assert len(files) == 9 and files == sorted(p.name for p in b.glob("*.png"))
-    for name in files:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
 def test_torchrun_two_processes(tmp_path, tiny_teacher):
     out = tmp_path / "runs"
     torchrun("train.py", "--config", "configs/builtin_train.yaml", "--outdir", out, *TINY, "training.n_iters=2",
@@ -107,8 +96,10 @@ def test_torchrun_two_processes(tmp_path, tiny_teacher):
         ranks = json.loads(probe.read_text())
         assert [r["batch"] for r in ranks] == [4, 4]
         assert ranks[0]["t"] != ranks[1]["t"]
-        if ranks[0]["noise_sum"] is not None:
-            assert ranks[0]["noise_sum"] != ranks[1]["noise_sum"]
+        n_draws = {"pretrain": 1, "sfd": 8}[method]  # SFD: z and eps for 4 terms
+        assert len(ranks[0]["noise"]) == len(ranks[1]["noise"]) == n_draws, method
+        for a, b in zip(ranks[0]["noise"], ranks[1]["noise"]):
+            assert len(a) > 0 and a != b, method  # each rank draws its own noise, every time
 
 
 def test_save_dataset_writes_named_pngs(tmp_path):
@@ -158,5 +149,5 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, t
                       "sfd.lr_theta=1e38", "sfd.grad_clip_value=0", check=False)
     assert proc.returncode != 0 and "non-finite loss at iteration" in proc.stderr, proc.stderr
     run = only_run(out)
-    state = torch.load(run / "training-state.pt", weights_only=True)
+    state = torch.load(sorted(run.glob("training-state-*.pt"))[-1], weights_only=True)
     assert 1 <= state["step"] < 6  # the last good state is kept, not overwritten by the bad step

@@ -120,6 +120,9 @@ class TrainConfig:
     outdir: str = K("runs/sd", "root of numbered run dirs (relative to the current directory)", "I/O")
     desc: str | None = K(None, "name part of the run dir", "I/O")
     run_dir: str | None = K(None, "use this run dir instead of a new numbered one", "I/O")
+    keep_states: int = K(2, "training states kept on disk: the newest K (0 = all); snapshots are all kept", "I/O")
+    report_to: str = K("none", "also log numbers and grids to TensorBoard (<run dir>/tensorboard; needs `pip install "
+                       "tensorboard`)", "I/O", ("none", "tensorboard"))
     # Set by train.py's flags, not keys
     resume: str | None = field(default=None, metadata=dict(help="", group="flag", choices=None))
     allow_changed_settings: bool = field(default=False, metadata=dict(help="", group="flag", choices=None))
@@ -159,7 +162,7 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("alpha", "w_fake_remain", "w_fake_forget", "w_gen_remain", "w_gen_forget", "fake_grad_clip_value",
-                    "ema_halflife_kimg", "ema_rampup", "seed", "text_cache"):
+                    "ema_halflife_kimg", "ema_rampup", "seed", "text_cache", "keep_states"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.generator_grad_clip_value is not None and self.generator_grad_clip_value < 0:

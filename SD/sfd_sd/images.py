@@ -29,9 +29,10 @@ def save_png(image: torch.Tensor | np.ndarray, path: Path) -> None:
     atomic_write_bytes(Path(path), png_bytes(np.asarray(image)))
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path) -> None:
-    """(rows*cols, H, W, 3) uint8 -> one PNG, row-major."""
+def save_grid(images: torch.Tensor, rows: int, path: Path) -> torch.Tensor:
+    """(rows*cols, H, W, 3) uint8 -> one PNG, row-major; returns the grid (rows*H, cols*W, 3)."""
     n, h, w, c = images.shape
     cols = n // rows
     grid = images[: rows * cols].reshape(rows, cols, h, w, c).permute(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
     save_png(grid.numpy(), path)
+    return grid

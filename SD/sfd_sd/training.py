@@ -13,6 +13,7 @@ state is the last good one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import resource
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from . import checkpoints, distributed, images, models
+from . import checkpoints, disk, distributed, images, models, reporting
 from .config import BUILTIN_REMAIN, ConfigError, TrainConfig, new_run_dir
 from .denoiser import GuidedDenoiser, PromptEncoder, VPSchedule, one_step_generate
 from .losses import clean_gradients_, fake_score_loss, masked_sum, sid_generator_loss
@@ -121,7 +123,7 @@ class SFDStep:
             raise NonFiniteLoss(
                 f"non-finite loss after {cur_nimg} images seen: every sample of {where} was NaN/inf. The run "
                 "stopped before this step; the last training state written is the last good one. Check the "
-                "networks for non-finite weights and lower the learning rates or use --precision fp32.")
+                "networks for non-finite weights and lower the learning rates or use precision=fp32.")
 
     def _term(self, per: torch.Tensor, weight: float, scaler, bad: list[str], term: str) -> tuple[float, int]:
         """Backward one term's finite samples; returns (loss value, samples dropped)."""
@@ -245,13 +247,16 @@ class GridRenderer:
                               for s in range(cols)]).to(device)
 
     @torch.no_grad()
-    def render(self, generator: GuidedDenoiser, run_dir: Path, nimg: int) -> None:
+    def render(self, generator: GuidedDenoiser, run_dir: Path, nimg: int) -> dict[str, torch.Tensor]:
+        """Write grid-<name>-<nimg>.png for each row set; returns the grids (H, W, 3 uint8) by name."""
+        grids = {}
         for name, prompts in self.rows.items():
             outs = []
             for p in prompts:
                 lat = one_step_generate(generator, self.z, [p] * self.cols, self.t_init)
                 outs.append(images.decode_latents(self.vae, lat))
-            images.save_grid(torch.cat(outs), len(prompts), run_dir / f"grid-{name}-{nimg:09d}.png")
+            grids[name] = images.save_grid(torch.cat(outs), len(prompts), run_dir / f"grid-{name}-{nimg:09d}.png")
+        return grids
 
 
 def _to(module, device, dtype):
@@ -287,6 +292,7 @@ def changed_settings(old: dict, new: dict) -> dict:
 def check_inputs(cfg: TrainConfig) -> Inputs:
     """Every check that needs no model: options, model source, prompt files, the resume state."""
     cfg.check()
+    reporting.check_available(cfg.report_to)
     models.check_model_source(cfg.sd_model)
     check_generator_init(cfg)
     sampler, val, bare_forget = build_prompt_sampler(cfg)
@@ -372,6 +378,7 @@ class Run:
     step: SFDStep | None = None
     run_dir: Path | None = None
     grids: GridRenderer | None = None
+    reporter: reporting.NullReporter = dataclasses.field(default_factory=reporting.NullReporter)
     cur_nimg: int = 0
 
     def sampling_net(self) -> GuidedDenoiser:
@@ -486,14 +493,17 @@ def record_resume(run_dir: Path, cfg: TrainConfig, nimg: int, changed: dict | No
 
 
 # ---------------------------------------------------------------------------------- 4. outputs
-def log_tick(run: Run, rec: dict) -> None:
+def log_tick(run: Run, rec: dict, bar=None) -> None:
     """One log.jsonl line (rank 0) and the same on stdout."""
     if not run.dist.is_main:
         return
     with open(run.run_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
-    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                   for k, v in rec.items() if k != "time"), flush=True)
+    write = bar.write if bar is not None else print
+    write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "time"))
+    if bar is not None:
+        bar.set_postfix({k.removeprefix("loss_"): f"{rec[k]:.4g}" for k in LOSS_NAMES})
+    run.reporter.scalars(rec, rec["images_seen"])
 
 
 def write_snapshot(run: Run, nimg: int) -> None:
@@ -505,12 +515,12 @@ def write_snapshot(run: Run, nimg: int) -> None:
     info = dict(t_init=cfg.t_init, sd_model=cfg.sd_model, revision=cfg.revision, images_seen=nimg,
                 alpha=cfg.alpha, ema=run.nets.ema is not None, resolution=cfg.resolution)
     checkpoints.save_generator_snapshot(net, run.run_dir / f"network-snapshot-{nimg:09d}", info)
-    run.grids.render(run.sampling_net(), run.run_dir, nimg)
+    run.reporter.images(run.grids.render(run.sampling_net(), run.run_dir, nimg), nimg)
 
 
 def write_state(run: Run, nimg: int) -> None:
-    """The exact-resume state (every rank's random streams; rank 0 writes)."""
-    dist = run.dist
+    """The exact-resume state (every rank's random streams; rank 0 writes); older states rotated."""
+    dist, cfg = run.dist, run.cfg
     rng = dist.gather_objects({"prompt": run.prompt_gen.get_state(), "noise": run.noise_gen.get_state().cpu()})
     # Ranks must hold identical weights (gradients are averaged); catch any divergence here.
     sums = dist.gather_objects([float(sum(p.detach().double().sum() for p in m.parameters()))
@@ -520,6 +530,7 @@ def write_state(run: Run, nimg: int) -> None:
     if dist.is_main:
         checkpoints.atomic_torch_save(dict(run.state_dict(), cur_nimg=nimg, rng=rng),
                                       run.run_dir / f"training-state-{nimg:09d}.pt")
+        disk.rotate_states(run.run_dir, cfg.keep_states)  # after the new one is complete
 
 
 # ---------------------------------------------------------------------------------- 5. loop
@@ -559,7 +570,16 @@ def _train(cfg: TrainConfig) -> Path:
                         device=str(dist.device), adam_eps=cfg.adam_eps_for(precision),
                         fake_grad_clip_value=run.step.clip_fake, generator_grad_clip_value=run.step.clip_gen,
                         generator_init=generator_init_status(cfg))
+    total_img = max(int(round(cfg.duration_kimg * 1000)), 1)
+    state_img, snap_img = (max(int(round(k * 1000)), 1) for k in (cfg.state_kimg, cfg.snap_kimg))
+    nets = run.nets
+    plan = disk.DiskPlan(disk.state_bytes([nets.fake.unet, nets.generator.unet], nets.ema),
+                         disk.param_bytes(nets.generator.unet),
+                         states=disk.count_crossings(run.cur_nimg, total_img, state_img),
+                         snapshots=disk.count_crossings(run.cur_nimg, total_img, snap_img), keep=cfg.keep_states)
+    disk.check_free_space(run_dir, plan)  # before anything is written
     if dist.is_main:  # the folder is created only now that every input proved valid
+        print(plan.describe(), flush=True)
         run.grids = GridRenderer({"train": inputs.bare_forget[:4] + inputs.sampler.remain[:2],
                                   "val": inputs.val_prompts[:8]},
                                  cfg.grid_cols, run.latent_shape, cfg.t_init, run.vae, dist.device)
@@ -573,8 +593,9 @@ def _train(cfg: TrainConfig) -> Path:
         checkpoints.atomic_write_json(run_dir / "grid-prompts.json", run.grids.rows)
         print(f"SFD run dir: {run_dir}  ({dist.world_size} process(es), {precision}, "
               f"batch {cfg.batch} = {dist.world_size} x {rounds} x {micro})", flush=True)
-        if inputs.resume_state is None:
-            run.grids.render(run.sampling_net(), run_dir, 0)
+    run.reporter = reporting.make_reporter(cfg.report_to, run_dir, dist.is_main)
+    if dist.is_main and inputs.resume_state is None:
+        run.reporter.images(run.grids.render(run.sampling_net(), run_dir, 0), 0)
     dist.barrier()
     loop(run)
     return run_dir
@@ -591,30 +612,37 @@ def loop(run: Run) -> None:
     acc = {k: 0.0 for k in (*LOSS_NAMES, "dropped_samples")}
     acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
     start_nimg = run.cur_nimg
-    while run.cur_nimg < total_img:
-        losses = run.step(run.cur_nimg)
-        prev, run.cur_nimg = run.cur_nimg, run.cur_nimg + cfg.batch
-        for k in acc:
-            acc[k] += losses[k]
-        acc_iters += 1
-        done = run.cur_nimg >= total_img
-        if _crossed(prev, run.cur_nimg, tick_img) or done:
-            vals = torch.tensor([acc[k] / acc_iters for k in LOSS_NAMES] + [acc["dropped_samples"]],
-                                dtype=torch.float64)
-            dist.mean_(vals)
-            elapsed = time.time() - tick_start
-            log_tick(run, dict(images_seen=run.cur_nimg, kimg=run.cur_nimg / 1000,
-                               **{k: float(v) for k, v in zip(LOSS_NAMES, vals)},
-                               dropped_samples=int(round(float(vals[-1]) * dist.world_size)),
-                               images_per_sec=(run.cur_nimg - tick_nimg) / max(elapsed, 1e-9),
-                               sec_per_iter=elapsed / acc_iters, peak_memory_gb=_peak_memory_gb(dist.device),
-                               time=time.time()))
-            acc = dict.fromkeys(acc, 0.0)
-            acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
-        if _crossed(prev, run.cur_nimg, snap_img) or done:
-            write_snapshot(run, run.cur_nimg)
-        if _crossed(prev, run.cur_nimg, state_img) or done:
-            write_state(run, run.cur_nimg)
-        dist.barrier()
+    bar = tqdm(total=total_img, initial=run.cur_nimg, disable=not dist.is_main, desc="SFD", unit="img",
+               dynamic_ncols=True)
+    try:
+        while run.cur_nimg < total_img:
+            losses = run.step(run.cur_nimg)
+            bar.update(cfg.batch)
+            prev, run.cur_nimg = run.cur_nimg, run.cur_nimg + cfg.batch
+            for k in acc:
+                acc[k] += losses[k]
+            acc_iters += 1
+            done = run.cur_nimg >= total_img
+            if _crossed(prev, run.cur_nimg, tick_img) or done:
+                vals = torch.tensor([acc[k] / acc_iters for k in LOSS_NAMES] + [acc["dropped_samples"]],
+                                    dtype=torch.float64)
+                dist.mean_(vals)
+                elapsed = time.time() - tick_start
+                log_tick(run, dict(images_seen=run.cur_nimg, kimg=run.cur_nimg / 1000,
+                                   **{k: float(v) for k, v in zip(LOSS_NAMES, vals)},
+                                   dropped_samples=int(round(float(vals[-1]) * dist.world_size)),
+                                   images_per_sec=(run.cur_nimg - tick_nimg) / max(elapsed, 1e-9),
+                                   sec_per_iter=elapsed / acc_iters, peak_memory_gb=_peak_memory_gb(dist.device),
+                                   time=time.time()), bar)
+                acc = dict.fromkeys(acc, 0.0)
+                acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
+            if _crossed(prev, run.cur_nimg, snap_img) or done:
+                write_snapshot(run, run.cur_nimg)
+            if _crossed(prev, run.cur_nimg, state_img) or done:
+                write_state(run, run.cur_nimg)
+            dist.barrier()
+    finally:  # also on NonFiniteLoss, so the bar's last output comes before the error
+        bar.close()
+        run.reporter.close()
     if dist.is_main and run.cur_nimg == start_nimg:
         print(f"nothing to do: {run.cur_nimg} images seen already >= duration {total_img}", flush=True)

@@ -27,7 +27,7 @@ def assert_clean_error(res, *phrases):
     """Exit 1 through click (no traceback), last line 'Error: ...' holding every phrase."""
     assert res.exit_code == 1, (res.exit_code, res.output, res.exception)
     assert isinstance(res.exception, SystemExit), repr(res.exception)
-    last = res.output.strip().splitlines()[-1]
+    last = res.stderr.strip().splitlines()[-1]  # the error is the last line on stderr
     assert last.startswith("Error: ") and "Traceback" not in res.output, res.output
     for p in phrases:
         assert p in last, (p, last)

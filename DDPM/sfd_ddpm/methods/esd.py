@@ -14,7 +14,6 @@ import torch
 
 from ..diffusion import Denoiser
 from ..distributed import Dist
-from ..samplers import _predict_x0
 from .finetune import FineTune
 
 
@@ -28,14 +27,12 @@ def partial_ddim(denoiser: Denoiser, labels: torch.Tensor, x: torch.Tensor, step
                  guidance: float = 0.0) -> tuple[torch.Tensor, int]:
     """DDIM (eta 0) from noise ``x`` at the top grid timestep down to grid index ``stop``: (x_t, t)."""
     sched = denoiser.schedule
-    T = sched.num_timesteps
-    seq = list(range(0, T, T // steps))
+    seq = sched.ddim_grid(steps)
     if not 0 <= stop < len(seq):
         raise ValueError(f"stop index {stop} outside the DDIM grid of {len(seq)} timesteps")
     for i in range(len(seq) - 1, stop, -1):
-        abar, abar_prev = sched.abar[seq[i]].item(), sched.abar[seq[i - 1]].item()
-        x0, eps = _predict_x0(denoiser, x, seq[i], labels, guidance, abar, False)
-        x = abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+        x0, eps = denoiser.predict(x, seq[i], labels, guidance)
+        x = sched.add_noise(x0, seq[i - 1], eps)  # the deterministic DDIM step (eta 0)
     return x, seq[stop]
 
 
@@ -52,7 +49,7 @@ class ESD(FineTune):
         stop = int(torch.randint(b["esd_steps"], ()).item())
         x_t, t = partial_ddim(self.frozen, c_f, torch.randn(n, *self.shape, device=dev), b["esd_steps"], stop,
                               b["esd_guidance"])
-        t = torch.full((n,), t, device=dev, dtype=torch.long)
+        t = torch.full((n,), t, device=dev)
         with torch.no_grad():
             null = torch.full_like(c_f, self.frozen.null_label)
             e_null, e_forget = self.frozen.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, c_f])).chunk(2)

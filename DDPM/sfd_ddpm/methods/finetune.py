@@ -9,15 +9,16 @@ from __future__ import annotations
 import torch
 
 from ..checkpoints import CheckpointError, load_into, load_weights
-from ..diffusion import Denoiser
+from ..config import with_architecture
+from ..diffusion import Denoiser, schedule_of
 from ..distributed import Dist
 from ..networks import build_network
 from .common import ema_decay, ema_update, frozen_copy, unwrap, wrap
-from .pretrain import Pretrain, schedule_of
+from .pretrain import Pretrain
 
 
 def load_pretrained(cfg: dict, network: str = "ema"):
-    """The network ``network`` of ``baseline.init``; the run adopts its architecture and data keys."""
+    """(the network ``network`` of ``baseline.init``, the run's config with its architecture and data keys)."""
     path = cfg["baseline"]["init"]
     if not path:
         raise ValueError(f"method {cfg['method']} needs baseline.init, the pretrained DDPM checkpoint")
@@ -26,14 +27,10 @@ def load_pretrained(cfg: dict, network: str = "ema"):
     nets, meta = load_weights(path)
     if meta["kind"] != "ddpm":
         raise CheckpointError(f"baseline.init must be a pretrained DDPM checkpoint; {path} is {meta['kind']!r}")
-    arch = meta["config"]
-    for key in ("model", "diffusion"):
-        cfg[key] = arch[key]
-    for key in ("image_size", "channels", "n_classes", "dataset"):
-        cfg["data"][key] = arch["data"][key]
+    cfg = with_architecture(cfg, meta["config"])
     net = build_network(cfg)
     load_into(net, nets[network], f"{path} [{network}]")
-    return net
+    return net, cfg
 
 
 class FineTune(Pretrain):
@@ -44,11 +41,12 @@ class FineTune(Pretrain):
     """
 
     def __init__(self, cfg: dict, dist: Dist):
-        self.cfg, self.dist = cfg, dist
         b = cfg["baseline"]
         if not b["forget"]:
             raise ValueError(f"method {cfg['method']} needs at least one class in baseline.forget")
-        net = load_pretrained(cfg, b["init_network"]).to(dist.device)
+        net, cfg = load_pretrained(cfg, b["init_network"])
+        net = net.to(dist.device)
+        self.cfg, self.dist = cfg, dist
         bad = [c for c in b["forget"] if not 0 <= c < cfg["data"]["n_classes"]]
         if bad:
             raise ValueError(f"baseline.forget class {bad[0]} is out of range [0, {cfg['data']['n_classes'] - 1}]")

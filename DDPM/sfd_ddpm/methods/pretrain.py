@@ -8,16 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..data import infinite_loader, load_dataset, split_by_label
-from ..diffusion import Denoiser, VPSchedule, eps_loss
+from ..diffusion import Denoiser, eps_loss, schedule_of
 from ..distributed import Dist
 from ..networks import build_network
 from ..samplers import image_seed, sample
 from .common import ema_decay, ema_update, frozen_copy, grid_labels, unwrap, wrap
-
-
-def schedule_of(cfg: dict) -> VPSchedule:
-    d = cfg["diffusion"]
-    return VPSchedule(d["beta_start"], d["beta_end"], d["num_timesteps"])
 
 
 class Pretrain:
@@ -52,7 +47,7 @@ class Pretrain:
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         drop = torch.rand(x0.shape[0], device=dev) < tr["label_dropout"]
         label = torch.where(drop, torch.full_like(label, self.denoiser.null_label), label)
-        t = self.schedule.sample_t(x0.shape[0], 0, self.schedule.num_timesteps, dev)
+        t = self.schedule.sample_train(x0.shape[0], dev)
         loss = eps_loss(self.denoiser, x0, label, t, torch.randn_like(x0)).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

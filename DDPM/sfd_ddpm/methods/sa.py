@@ -72,14 +72,14 @@ class SelectiveAmnesia(FineTune):
 
     def losses(self) -> dict:
         """The three terms for one batch (forget, replay, penalty), each before its weight."""
-        n, dev, T = self.n, self.dist.device, self.schedule.num_timesteps
+        n, dev = self.n, self.dist.device
         x_f = torch.rand(n, *self.shape, device=dev) * 2 - 1
         c_f = self.random_labels(self.forget, n)
         idx = torch.randint(len(self.replay_y), (n,), device=dev)
         x_r, c_r = self.replay_x[idx], self.replay_y[idx]
         # one pass over both batches (one DDP forward per backward)
         x = torch.cat([x_f, x_r])
-        per_sample = eps_loss(self.denoiser, x, torch.cat([c_f, c_r]), self.schedule.sample_t(2 * n, 0, T, dev),
+        per_sample = eps_loss(self.denoiser, x, torch.cat([c_f, c_r]), self.schedule.sample_train(2 * n, dev),
                               torch.randn_like(x))
         l_f, l_r = per_sample[:n].mean(), per_sample[n:].mean()
         return {"forget": l_f, "replay": l_r, "fisher": fisher_penalty(unwrap(self.net), self.original, self.fisher)}

@@ -46,11 +46,10 @@ def forget_gradients(net: torch.nn.Module, denoiser: Denoiser, batches, clip: fl
     net.eval()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    T = denoiser.schedule.num_timesteps
     device = next(net.parameters()).device
     for x0, label in batches:
         x0, label = x0.to(device), label.to(device)
-        t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(device)
+        t = denoiser.schedule.sample_train(x0.shape[0], "cpu", generator).to(device)
         eps = torch.randn(x0.shape, generator=generator).to(device)
         net.zero_grad(set_to_none=True)
         eps_loss(denoiser, x0, label, t, eps).mean().backward()
@@ -113,9 +112,9 @@ class SalUn(FineTune):
         self.forget_batches = infinite_loader(self.forget_data, self.n, r, w, seed + 1, step, nw)
 
     def losses(self) -> dict:
-        dev, T = self.dist.device, self.schedule.num_timesteps
+        dev = self.dist.device
         x_f, c_f = (v.to(dev) for v in next(self.forget_batches))
-        t = self.schedule.sample_t(len(c_f), 0, T, dev)
+        t = self.schedule.sample_train(len(c_f), dev)
         x_t = self.schedule.add_noise(x_f, t, torch.randn_like(x_f))
         out = self.denoiser.eps(x_t, t, c_f)
         with torch.no_grad():
@@ -125,7 +124,7 @@ class SalUn(FineTune):
         x_r, c_r = (v.to(dev) for v in next(self.remain_batches))
         drop = torch.rand(len(c_r), device=dev) < self.cfg["training"]["label_dropout"]
         c_r = torch.where(drop, torch.full_like(c_r, self.denoiser.null_label), c_r)
-        remain = eps_loss(self.denoiser, x_r, c_r, self.schedule.sample_t(len(c_r), 0, T, dev),
+        remain = eps_loss(self.denoiser, x_r, c_r, self.schedule.sample_train(len(c_r), dev),
                           torch.randn_like(x_r)).mean()
         return {"forget": forget, "remain": remain}
 

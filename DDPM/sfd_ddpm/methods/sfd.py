@@ -11,14 +11,17 @@ from __future__ import annotations
 import torch
 
 from ..checkpoints import CheckpointError, load_into, load_weights
-from ..diffusion import Denoiser
+from ..config import with_architecture
+from ..diffusion import Denoiser, schedule_of
 from ..distributed import Dist
 from ..losses import fake_score_loss, generator_loss
 from ..networks import build_network
 from ..samplers import image_seed, NoiseStreams, one_step
 from .common import ema_decay, ema_update, frozen_copy, grid_labels, unwrap, wrap
-from .pretrain import schedule_of
 from .forget_spec import ForgetSpec
+
+
+FAKE_SCORE_LEVELS = ("range", "pretrain")
 
 
 class SFD:
@@ -27,14 +30,14 @@ class SFD:
     def __init__(self, cfg: dict, dist: Dist, networks: tuple | None = None):
         """``networks`` = (teacher, fake score, generator) modules, already initialised, replaces loading
         them from ``sfd.init`` / ``sfd.init_stage1`` (tests use it to plug in small analytic models)."""
-        self.cfg, self.dist = cfg, dist
         s = cfg["sfd"]
         if cfg["method"] == "sid" and s["forget"]:
             raise ValueError("method sid distils every class; set sfd.forget=[] (or use method sfd)")
         if cfg["method"] == "sfd" and not s["forget"]:
             raise ValueError("method sfd needs at least one class in sfd.forget (or use method sid)")
         if networks is None:
-            networks = self._load_networks(cfg)
+            networks, cfg = self._load_networks(cfg)
+        self.cfg, self.dist = cfg, dist
         teacher, fake, gen = networks
         self.spec = ForgetSpec.parse(s["forget"], s["override"], cfg["data"]["n_classes"], s["classifier"],
                                      s["classifier_mode"], dist.device)
@@ -57,20 +60,27 @@ class SFD:
         self.n = dist.local_batch(cfg["training"]["batch_size"])
         self.shape = (cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"])
         self.warmup_iters = round(s["forget_warmup"] * cfg["training"]["n_iters"])
+        self.t_init = self.schedule.generator_level(s)
+        if s["fake_score_levels"] not in FAKE_SCORE_LEVELS:
+            raise ValueError(f"sfd.fake_score_levels must be one of {', '.join(FAKE_SCORE_LEVELS)}, "
+                             f"got {s['fake_score_levels']!r}")
 
     @classmethod
     def _load_networks(cls, cfg: dict):
-        """Teacher, fake score and generator built from the checkpoints named in ``cfg['sfd']``."""
+        """(teacher, fake score, generator) built from the checkpoints named in ``cfg['sfd']``, and the
+        run's config with their architecture."""
+        weights, cfg = cls._initial_weights(cfg)
         modules = []
-        for source, state in cls._initial_weights(cfg):
+        for source, state in weights:
             net = build_network(cfg)
             load_into(net, state, source)
             modules.append(net)
-        return modules
+        return modules, cfg
 
     @staticmethod
     def _initial_weights(cfg: dict):
-        """(source, state_dict) for teacher, fake score and generator; adopts the teacher's architecture."""
+        """((source, state_dict) for teacher, fake score and generator; the config with the teacher's
+        architecture)."""
         s = cfg["sfd"]
         if not s["init"] and not (s["init_stage1"] and s["stage2_teacher"] == "stage1_fake_score"):
             raise ValueError("set sfd.init to the pretrained teacher checkpoint (network-*.safetensors)")
@@ -94,22 +104,23 @@ class SFD:
             gen = (f"{s['init_stage1']} [generator_ema]", nets1["generator_ema"])
             if s["stage2_teacher"] == "stage1_fake_score":  # the authors' behaviour (their init_ckpt_0 bug)
                 teacher = fake
-        for key in ("model", "diffusion"):
-            cfg[key] = arch[key]
-        for key in ("image_size", "channels", "n_classes", "dataset"):
-            cfg["data"][key] = arch["data"][key]
-        return teacher, fake, gen
+        return (teacher, fake, gen), with_architecture(cfg, arch)
 
     # ----------------------------------------------------------------------------------------
     def start(self, step: int) -> None:
         pass  # data-free: nothing to load
 
-    def _t(self, n: int, warm: bool) -> torch.Tensor:
+    def _t(self, n: int, warm: bool, phi: bool) -> torch.Tensor:
+        """Noise levels of one term: between positions [t_min, t_max) of the T-step grid (the forget
+        warm-up's range while ``warm``), or, for the fake score with ``sfd.fake_score_levels=pretrain``,
+        the backbone's pretraining distribution (EDM's log-normal sigma, as SiD does for EDM teachers)."""
         s = self.cfg["sfd"]
+        if phi and s["fake_score_levels"] == "pretrain":
+            return self.schedule.sample_train(n, self.dist.device)
         lo, hi = (s["warmup_t_min"], s["warmup_t_max"]) if warm else (s["t_min"], s["t_max"])
-        return self.schedule.sample_t(n, lo, hi, self.dist.device)
+        return self.schedule.sample_range(n, lo, hi, self.dist.device)
 
-    def _draw(self, forget: bool, warm: bool) -> dict:
+    def _draw(self, forget: bool, warm: bool, phi: bool = False) -> dict:
         """Fresh labels, z, t and eps for one term (the same draws in batched and separate mode)."""
         n, dev = self.n, self.dist.device
         if forget:
@@ -117,11 +128,11 @@ class SFD:
         else:
             label, override = self.spec.sample_remain(n), None
         return {"forget": forget, "label": label, "override": override, "z": torch.randn(n, *self.shape, device=dev),
-                "t": self._t(n, warm and forget), "eps": torch.randn(n, *self.shape, device=dev)}
+                "t": self._t(n, warm and forget, phi), "eps": torch.randn(n, *self.shape, device=dev)}
 
     def _generate(self, terms: list[dict]) -> torch.Tensor:
         z = torch.cat([d["z"] for d in terms])
-        return one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.cfg["sfd"]["t_init"])
+        return one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.t_init)
 
     def _cat(self, terms, key):
         return torch.cat([d[key] for d in terms])
@@ -133,7 +144,7 @@ class SFD:
         out = {}
         # ---- phi step: fake score in train mode (dropout active), generator in eval mode, no grad ----
         w_phi = [s["lambda_phi_r"]] + ([s["lambda_phi_f"]] if forgetting else [])
-        terms = [self._draw(False, warm)] + ([self._draw(True, warm)] if forgetting else [])
+        terms = [self._draw(False, warm, phi=True)] + ([self._draw(True, warm, phi=True)] if forgetting else [])
         self.fake_net.train()
         self.gen_net.eval()
         self.opt_phi.zero_grad(set_to_none=True)
@@ -220,7 +231,7 @@ class SFD:
         for name, net in (("grid_ema", self.gen_ema), ("grid", unwrap(self.gen_net))):
             was_training = net.training
             net.eval()
-            out[name] = (one_step(Denoiser(net, self.schedule, net.null_label), labels, z, self.cfg["sfd"]["t_init"]),
+            out[name] = (one_step(Denoiser(net, self.schedule, net.null_label), labels, z, self.t_init),
                          g["per_class"])
             net.train(was_training)
         return out

@@ -42,14 +42,15 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_into, load_weights
+from ..config import with_architecture
 from ..data import TensorImages, infinite_loader, load_dataset, split_by_label
-from ..diffusion import Denoiser, eps_loss
+from ..diffusion import Denoiser, eps_loss, schedule_of
 from ..distributed import Dist
 from ..fisher import diagonal_fisher
 from ..networks import build_network
 from ..samplers import image_seed, sample
 from .common import ema_decay, ema_update, frozen_copy, unwrap, wrap
-from .pretrain import Pretrain, schedule_of
+from .pretrain import Pretrain
 
 PRECISIONS = ("fisher", "checkpoints")
 NORMALISATIONS = ("mean", "none")
@@ -138,7 +139,8 @@ class VDU:
         if not v["forget"]:
             raise ValueError("vdu.forget needs at least one class")
         if pretrained is None:
-            pretrained = self._load_pretrained(cfg)
+            pretrained, cfg = self._load_pretrained(cfg)
+            self.cfg = cfg
         n_classes = cfg["data"]["n_classes"]
         bad = [c for c in v["forget"] if not 0 <= int(c) < n_classes]
         if bad:
@@ -163,23 +165,19 @@ class VDU:
         self.target: float | None = None
 
     @staticmethod
-    def _load_pretrained(cfg: dict) -> nn.Module:
-        """The pretrained DDPM's EMA weights; adopts its architecture, diffusion and dataset settings."""
+    def _load_pretrained(cfg: dict) -> tuple[nn.Module, dict]:
+        """(the pretrained DDPM's EMA weights, the run's config with its architecture, diffusion and dataset
+        settings)."""
         v = cfg["vdu"]
         if not v["init"]:
             raise ValueError("set vdu.init to the pretrained DDPM checkpoint (network-*.safetensors)")
         nets, meta = load_weights(v["init"])
         if meta["kind"] != "ddpm":
             raise CheckpointError(f"vdu.init must be a pretrained DDPM checkpoint; {v['init']} is {meta['kind']!r}")
-        arch = meta["config"]
-        for key in ("model", "diffusion"):
-            cfg[key] = arch[key]
-        cfg["model"].setdefault("conditional", True)
-        for key in ("image_size", "channels", "n_classes", "dataset"):
-            cfg["data"][key] = arch["data"][key]
+        cfg = with_architecture(cfg, meta["config"])
         net = build_network(cfg)
         load_into(net, nets["ema"], f"{v['init']} [ema]")
-        return net
+        return net, cfg
 
     # ------------------------------------------------------------------------------------------
     def start(self, step: int) -> None:
@@ -201,7 +199,7 @@ class VDU:
         total, count, dev = 0.0, 0, self.dist.device
         for _ in range(self.cfg["vdu"]["target_draws"]):
             for x, y in zip(x_all.split(256), y_all.split(256)):
-                t = torch.randint(0, self.schedule.num_timesteps, (len(x),), generator=g)
+                t = self.schedule.sample_train(len(x), "cpu", g)
                 eps = torch.randn(x.shape, generator=g)
                 total += float(eps_loss(den, x.to(dev), y.to(dev), t.to(dev), eps.to(dev)).sum())
                 count += len(x)
@@ -249,7 +247,7 @@ class VDU:
         if self.cfg["data"]["random_flip"]:
             flip = torch.rand(x0.shape[0], device=dev) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = self.schedule.sample_t(x0.shape[0], 0, self.schedule.num_timesteps, dev)
+        t = self.schedule.sample_train(x0.shape[0], dev)
         eps = torch.randn_like(x0)
         per_sample = eps_loss(self.denoiser, x0, label, t, eps)
         forget_loss = per_sample.mean()

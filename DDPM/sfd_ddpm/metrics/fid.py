@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..checkpoints import atomic_write, file_hash
-from .folders import iter_batches, iter_tensor_batches, list_pngs, quantise
+from .folders import iter_batches, iter_tensor_batches, list_pngs, model_channels, quantise
 
 METRICS = ("fid", "is", "kid", "pr")
 INCEPTION_ID = "inception-v3-tf-2015-12-05"
@@ -44,6 +44,7 @@ class FeatureSpace:
     prefix = ""          # put before every metric name computed in this space
     identity = ""        # names the extractor and its weights; part of the cache key
     batch_size = 128
+    channels: int | None = None  # files are converted to grey (1) or RGB (3) for the extractor; None = as stored
 
     def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -53,6 +54,7 @@ class InceptionFeatureSpace(FeatureSpace):
     """torch-fidelity's Inception-v3 with the TF FID weights: 2048-d pool3 features and unbiased logits for IS."""
 
     prefix = ""
+    channels = 3
 
     def __init__(self, weights_path=None, device="cpu", batch_size: int = 64):
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
@@ -105,6 +107,7 @@ class ClassifierFeatureSpace(FeatureSpace):
 
     def __init__(self, model, identity: str = "classifier", batch_size: int = 256):
         self.model, self.identity, self.batch_size = model, f"classifier:{identity}", batch_size
+        self.channels = model_channels(model)
         try:
             self.device = next(model.parameters()).device
         except (StopIteration, AttributeError):
@@ -135,7 +138,7 @@ def features_of_tensor(space: FeatureSpace, images: torch.Tensor, progress: bool
 
 def features_of_entries(space: FeatureSpace, entries, progress: bool = False):
     """(features, logits or None) for ``folders.list_pngs`` entries."""
-    return _collect(space.extract(x) for x, _ in _progress(iter_batches(entries, space.batch_size), progress,
+    return _collect(space.extract(x) for x, _ in _progress(iter_batches(entries, space.batch_size, space.channels), progress,
                                                            len(entries), space.batch_size))
 
 

@@ -35,11 +35,17 @@ def list_pngs(folder, exclude=(), include=None, require_class_names: bool = Fals
             if c not in exclude and (include is None or c in set(include))]
 
 
-def iter_batches(entries, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images in [-1, 1] (B, C, H, W), labels (B,), -1 where unknown) from ``list_pngs`` entries."""
+def model_channels(model) -> int | None:
+    """The input channels a classifier expects (from its architecture arguments), if it says."""
+    return getattr(model, "arch_kwargs", {}).get("in_channels")
+
+
+def iter_batches(entries, batch_size: int, channels: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images in [-1, 1] (B, C, H, W), labels (B,), -1 where unknown) from ``list_pngs`` entries; ``channels``
+    converts every file to grey (1) or RGB (3) as the model needs (see images.load_image)."""
     for k in range(0, len(entries), batch_size):
         part = entries[k:k + batch_size]
-        images = [load_image(p) for p, _ in part]
+        images = [load_image(p, channels) for p, _ in part]
         shapes = {tuple(x.shape) for x in images}
         if len(shapes) > 1:
             raise ValueError(f"images of different shapes {sorted(shapes)} in one folder (e.g. {part[0][0]})")

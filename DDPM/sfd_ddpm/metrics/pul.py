@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .folders import iter_batches, list_pngs
+from .folders import iter_batches, list_pngs, model_channels
 from .ua import classify
 
 
@@ -62,7 +62,7 @@ def evaluate_pul_folders(model, original_folder, unlearned_folder, forget: Seque
             if len(entries) < n:
                 raise ValueError(f"{folder} holds {len(entries)} PNGs, fewer than n={n}")
             entries = entries[:n]
-        out = [classify(model, x, batch_size, device, quantize=False) for x, _ in iter_batches(entries, batch_size)]
+        out = [classify(model, x, batch_size, device, quantize=False) for x, _ in iter_batches(entries, batch_size, model_channels(model))]
         if not out:
             raise ValueError(f"no PNG images in {folder}")
         logits.append(torch.cat(out))

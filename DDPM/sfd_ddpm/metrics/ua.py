@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .folders import iter_batches, iter_tensor_batches, list_pngs, quantise
+from .folders import iter_batches, iter_tensor_batches, list_pngs, model_channels, quantise
 
 
 @torch.no_grad()
@@ -31,9 +31,19 @@ def classify(model, images: torch.Tensor, batch_size: int = 256, device=None, qu
     """Logits (N, K) on the CPU for in-memory images in [-1, 1]; ``quantize`` rounds them to 8 bits first,
     as if they had been saved, so tensors and folders give the same numbers."""
     device = device or _device_of(model)
-    out = [model((quantise(x) if quantize else x.float()).to(device)).float().cpu()
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of {len(images)} images hold "
+                         f"NaN or inf values; refusing to classify them (the generating model is broken)")
+    out = [_finite(model((quantise(x) if quantize else x.float()).to(device)).float().cpu())
            for x in iter_tensor_batches(images, batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """A NaN logit would be argmax'd into a label (UA 1.000 from a broken classifier); refuse it."""
+    if not torch.isfinite(logits).all():
+        raise ValueError("the classifier returned NaN or inf logits; its weights or the images are broken")
+    return logits
 
 
 @torch.no_grad()
@@ -43,8 +53,8 @@ def classify_folder(model, folder, batch_size: int = 256, device=None, exclude=(
     device = device or _device_of(model)
     entries = list_pngs(folder, exclude, include, require_class_names=require_class_names)
     logits, labels = [], []
-    for x, y in iter_batches(entries, batch_size):
-        logits.append(model(x.to(device)).float().cpu())
+    for x, y in iter_batches(entries, batch_size, model_channels(model)):
+        logits.append(_finite(model(x.to(device)).float().cpu()))
         labels.append(y)
     if not entries:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long), []

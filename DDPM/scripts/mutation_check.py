@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Targeted mutation testing: break one line of the method at a time and check a fast test notices.
+
+Each mutant replaces an exact piece of source text (it must occur exactly once) in a temporary copy of
+the tree (the tree itself is never touched), runs the given fast tests with ``-x`` and restores the file. A mutant *survives* when every
+test still passes. Usage (from inside DDPM/):
+
+  python scripts/mutation_check.py                         # the default fast tests
+  python scripts/mutation_check.py tests/test_sfd.py tests/test_core.py   # a chosen set ("before")
+
+(mutmut 3 would generate several hundred mutants of these files; on a 2-core machine shared with other
+jobs that is hours, so this list targets the lines that carry the method, the EMA and the writers.)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TREE = Path(__file__).resolve().parents[1]
+
+# (file, original text, mutated text, what it breaks)
+MUTANTS = [
+    ("sfd_ddpm/losses.py", "fake_score.schedule.add_noise(x_g.detach(), t, eps)",
+     "fake_score.schedule.add_noise(x_g, t, eps)", "DSM loss without stop-grad on x_g"),
+    ("sfd_ddpm/losses.py", "(eps - fake_score.eps(x_t, t, label)).square()", "(eps - fake_score.eps(x_t, t, label)).abs()",
+     "DSM L1 instead of L2"),
+    ("sfd_ddpm/losses.py", ".mean(1).clamp_min(1e-5).detach()", ".mean(1).clamp_min(1e-5)", "omega carries gradient"),
+    ("sfd_ddpm/losses.py", ".abs().flatten(1).mean(1).clamp_min", ".abs().flatten(1).sum(1).clamp_min", "omega sum not mean"),
+    ("sfd_ddpm/losses.py", ".clamp_min(1e-5)", ".clamp_min(1e-1)", "omega clamp 1e-1"),
+    ("sfd_ddpm/losses.py", "- alpha * diff", "- 1.0 * diff", "alpha forced to 1"),
+    ("sfd_ddpm/losses.py", "f_teacher = teacher(x_t, t, label_teacher)", "f_teacher = teacher(x_t, t, label_fake)",
+     "teacher at the forget label instead of the override"),
+    ("sfd_ddpm/losses.py", "f_fake = fake_score(x_t, t, label_fake)", "f_fake = fake_score(x_t.detach(), t, label_fake)",
+     "no gradient through the fake score's input"),
+    ("sfd_ddpm/methods/sfd.py", 'w_theta = [s["lambda_theta_r"]] + ([s["lambda_theta_f"]]',
+     'w_theta = [s["lambda_theta_r"]] + ([s["lambda_theta_r"]]', "generator forget weight = remain weight"),
+    ("sfd_ddpm/methods/sfd.py", 'w_phi = [s["lambda_phi_r"]] + ([s["lambda_phi_f"]]',
+     'w_phi = [s["lambda_phi_r"]] + ([s["lambda_phi_r"]]', "fake-score forget weight = remain weight"),
+    ("sfd_ddpm/methods/sfd.py", 'else (s["t_min"], s["t_max"])', "else (0, 1000)", "t drawn from [0, 1000)"),
+    ("sfd_ddpm/methods/sfd.py", "torch.nn.utils.clip_grad_value_(net.parameters(), clip)",
+     "torch.nn.utils.clip_grad_norm_(net.parameters(), clip)", "grad-norm clipping instead of value clipping"),
+    ("sfd_ddpm/methods/sfd.py", '"t": self._t(n, warm and forget)', '"t": self._t(n, warm)', "warm-up range for remain terms"),
+    ("sfd_ddpm/methods/sfd.py", "warm = step < self.warmup_iters", "warm = step <= self.warmup_iters",
+     "warm-up one iteration too long"),
+    ("sfd_ddpm/methods/sfd.py", '"eps": torch.randn(n, *self.shape, device=dev)}', '"eps": torch.zeros(n, *self.shape, device=dev)}',
+     "no diffusion noise"),
+    ("sfd_ddpm/methods/sfd.py", "means = [per[k * n:(k + 1) * n].mean()", "means = [per[k * n:(k + 1) * n].sum()",
+     "batch sum instead of mean"),
+    ("sfd_ddpm/methods/sfd.py", 'd["override"] if d["forget"] else d["label"] for d in terms])',
+     'd["label"] for d in terms])', "teacher not at the override"),
+    ("sfd_ddpm/methods/sfd.py", 'one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.cfg["sfd"]["t_init"])',
+     'one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.cfg["sfd"]["t_max"])', "generator at t_max"),
+    ("sfd_ddpm/methods/sfd.py", "ema_update(self.gen_ema, unwrap(self.gen_net), ema_decay(self.cfg, step))",
+     "ema_update(self.gen_ema, unwrap(self.fake_net), ema_decay(self.cfg, step))", "EMA of the fake score"),
+    ("sfd_ddpm/methods/common.py", "[p.detach() for p in net.parameters()], 1.0 - decay)",
+     "[p.detach() for p in net.parameters()], decay)", "EMA inverted"),
+    ("sfd_ddpm/methods/common.py", "min(tr[\"ema\"], (1 + step) / (10 + step))", "max(tr[\"ema\"], (1 + step) / (10 + step))",
+     "EMA ramp-up max instead of min"),
+    ("sfd_ddpm/methods/forget_spec.py", "return self._pick(self.remain, n)\n\n    def sample_forget",
+     "return self._pick(self.remain + self.forget, n)\n\n    def sample_forget", "remain labels include the forget class"),
+    ("sfd_ddpm/methods/forget_spec.py", 'return label, self._pick(self.remain, n)', 'return label, self._pick(self.remain[:1], n)',
+     "random override always the first kept class"),
+    ("sfd_ddpm/methods/forget_spec.py", 'logits[:, self.forget] = float("-inf")', "pass", "pseudo-labels may be the forget class"),
+    ("sfd_ddpm/methods/forget_spec.py", "lut[f] = o", "lut[f] = f", "override table maps forget to itself"),
+    ("sfd_ddpm/diffusion.py", "_bc(self.b(t), x0) * eps", "_bc(self.a(t), x0) * eps", "forward noising with a_t"),
+    ("sfd_ddpm/diffusion.py", "torch.cumprod(1.0 - betas, dim=0)", "torch.cumprod(1.0 - betas, dim=0) ** 0.5", "wrong abar"),
+    ("sfd_ddpm/diffusion.py", "return (1 + guidance) * eps_c - guidance * eps_u", "return guidance * eps_c - guidance * eps_u",
+     "guidance formula"),
+    ("sfd_ddpm/diffusion.py", "torch.randint(lo, hi, (n,)", "torch.randint(lo, hi + 1, (n,)", "inclusive upper timestep"),
+    ("sfd_ddpm/diffusion.py", "return (x_t - _bc(self.schedule.b(t), x_t) * eps) / _bc(self.schedule.a(t), x_t)",
+     "return (x_t - _bc(self.schedule.b(t), x_t) * eps) / _bc(self.schedule.b(t), x_t)", "denoised estimate / b_t"),
+    ("sfd_ddpm/samplers.py", "c2 = max(1 - abar_prev - c1 ** 2, 0.0) ** 0.5", "c2 = max(1 - abar_prev, 0.0) ** 0.5",
+     "DDIM direction ignores eta noise"),
+    ("sfd_ddpm/samplers.py", "x = x + (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 * noise.randn()",
+     "x = x + beta ** 0.5 * noise.randn()", "ancestral variance beta instead of beta tilde"),
+    ("sfd_ddpm/samplers.py", "label * 10_000_019 + index", "label + index", "image seeds collide across classes"),
+    ("sfd_ddpm/samplers.py", "torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])",
+     "torch.randn((len(self.generators), *self.shape), generator=self.generators[0])", "one shared noise stream"),
+    ("sfd_ddpm/samplers.py", "b = generator.schedule.b(t_init)", "b = generator.schedule.a(t_init)", "one-step input a_t z"),
+    ("sfd_ddpm/samplers.py", "return n * (2 if guidance else 1)", "return n", "NFE ignores guidance"),
+    ("sfd_ddpm/checkpoints.py", "        write(tmp)\n", "        write(str(path))\n", "non-atomic write"),
+    ("sfd_ddpm/checkpoints.py", "            os.remove(tmp)", "            pass", "temporary file left behind"),
+    ("sfd_ddpm/checkpoints.py", '"step": str(step)', '"step": "0"', "step not recorded"),
+    ("sfd_ddpm/checkpoints.py", "map_location=\"cpu\", weights_only=True)", "map_location=\"cpu\", weights_only=False)",
+     "training state loads pickles"),
+    ("sfd_ddpm/checkpoints.py", "module.load_state_dict(state, strict=True)", "module.load_state_dict(state, strict=False)",
+     "non-strict load"),
+]
+
+DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
+                 "tests/test_faults.py"]
+FAST = "not pixels and not train_py and not cli"   # no subprocess training runs
+
+
+def run_tests(tree: Path, tests: list[str]) -> bool:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-k", FAST, *tests],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+def main(argv: list[str]) -> int:
+    only = None
+    if argv[:1] == ["--only"]:  # --only 3,7: run just these mutants (numbered as printed)
+        only, argv = {int(k) for k in argv[1].split(",")}, argv[2:]
+    tests = [t for t in (argv or DEFAULT_TESTS) if (TREE / t).exists()]
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        tree = Path(tmp) / "DDPM"
+        shutil.copytree(TREE, tree, ignore=shutil.ignore_patterns("runs", "data", "__pycache__", "*.pyc"))
+        return check(tree, tests, only)
+
+
+def check(tree: Path, tests: list[str], only=None) -> int:
+    print(f"tests: {' '.join(tests)} (-k '{FAST}')", flush=True)
+    if not run_tests(tree, tests):
+        print("the unmutated tree fails these tests; fix that first")
+        return 2
+    survivors = []
+    start = time.perf_counter()
+    mutants = [(k, m) for k, m in enumerate(MUTANTS, 1) if only is None or k in only]
+    for k, (rel, old, new, what) in mutants:
+        path = tree / rel
+        source = path.read_text()
+        if source.count(old) != 1:
+            print(f"[{k:2d}] SKIP {rel}: the text to mutate occurs {source.count(old)} times ({what})", flush=True)
+            continue
+        path.write_text(source.replace(old, new))
+        try:
+            killed = not run_tests(tree, tests)
+        finally:
+            path.write_text(source)
+        print(f"[{k:2d}] {'killed  ' if killed else 'SURVIVED'} {rel}: {what}", flush=True)
+        if not killed:
+            survivors.append(f"{rel}: {what}")
+    print(f"\n{len(mutants) - len(survivors)}/{len(mutants)} killed, {len(survivors)} survived "
+          f"({time.perf_counter() - start:.0f} s)")
+    for s in survivors:
+        print("  survived:", s)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,117 @@
+"""Bounded disk use: the size of a training state, the disk a run needs, a free-space check, rotation.
+
+A training state holds two fp32 UNets and their two Adam states (weights, m, v: 3 x 4 bytes per
+parameter each) plus the EMA: about 31 GB for SD v1.5 (859.5M parameters). Only the newest
+``keep`` states are kept (default 2: the newest and one fallback should the newest be damaged);
+generator snapshots (one fp32 UNet, 3.4 GB) are all kept, on their own schedule.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+# Tests fake a small filesystem with this variable (bytes); it is not a setting.
+FAKE_FREE_ENV = "SFD_FAKE_FREE_BYTES"
+STATE_PATTERN = re.compile(r"^training-state-(\d+)\.pt$")
+
+
+class DiskSpaceError(ConfigError):
+    """Not enough free space for the run; the message says how much is needed."""
+
+
+def param_bytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def state_bytes(trained: list[torch.nn.Module], ema: torch.nn.Module | None) -> int:
+    """Bytes of one training state: each trained net's weights + Adam m and v (same dtype), the EMA."""
+    return sum(3 * param_bytes(m) for m in trained) + param_bytes(ema)
+
+
+def count_crossings(start: int, total: int, every: int) -> int:
+    """How many saves a schedule ``every`` makes from ``start`` to ``total`` images (the end included)."""
+    n = total // every - start // every
+    return n + (1 if total % every and total > start else 0)
+
+
+@dataclass
+class DiskPlan:
+    state_bytes: int
+    snapshot_bytes: int
+    states: int  # states the schedule writes
+    snapshots: int
+    keep: int  # 0 = keep all
+
+    @property
+    def states_on_disk(self) -> int:
+        """At most keep + 1 at once: the new state is written before the oldest is removed."""
+        if self.keep <= 0 or self.states <= self.keep:
+            return self.states
+        return self.keep + 1
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.states_on_disk * self.state_bytes + self.snapshots * self.snapshot_bytes
+
+    def describe(self) -> str:
+        kept = "all" if self.keep <= 0 else f"the last {self.keep}"
+        return (f"disk: one training state {gb(self.state_bytes)}, one snapshot {gb(self.snapshot_bytes)}; "
+                f"this run writes {self.states} state(s) (keeps {kept}) and {self.snapshots} snapshot(s): "
+                f"needs up to {gb(self.needed_bytes)}")
+
+
+def gb(n: int) -> str:
+    """Bytes in decimal units, 3 significant digits (``19.0 MB``, ``31.0 GB``)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing ancestor)."""
+    fake = os.environ.get(FAKE_FREE_ENV)
+    if fake:
+        return int(fake)
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(run_dir: Path, plan: DiskPlan) -> None:
+    """Refuse a run whose filesystem cannot hold two training states (before anything is written)."""
+    free = free_bytes(run_dir)
+    if free < 2 * plan.state_bytes:
+        raise DiskSpaceError(
+            f"not enough free disk for {run_dir}: {gb(free)} free, but two training states need "
+            f"{gb(2 * plan.state_bytes)} (the whole run up to {gb(plan.needed_bytes)}). Free space, or choose "
+            "another --outdir.")
+    if free < plan.needed_bytes:
+        print(f"warning: {gb(free)} free on the output filesystem, the run may need up to "
+              f"{gb(plan.needed_bytes)}", flush=True)
+
+
+def training_states(run_dir: Path) -> list[Path]:
+    """``training-state-<images>.pt`` files of a run, oldest first (by the number, not by file time)."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := STATE_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def rotate_states(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` training states (keep <= 0: delete none); returns the deleted."""
+    if keep <= 0:
+        return []
+    old = training_states(run_dir)[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old

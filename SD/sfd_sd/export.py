@@ -1,0 +1,223 @@
+"""Export a generator snapshot as a self-contained diffusers pipeline folder with a model card.
+
+The folder holds the snapshot's UNet, the base model's tokenizer, text encoder, VAE and scheduler
+configuration (so it runs offline), ``pipeline.py`` (``SFDOneStepPipeline``, named in
+``model_index.json`` so ``DiffusionPipeline.from_pretrained`` finds it) and ``README.md``: a model
+card with YAML front matter (licence, base model, tags) as model hubs read it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from . import models
+from .models import ModelLoadError
+
+PIPELINE_CLASS = "SFDOneStepPipeline"
+PIPELINE_FILE = Path(__file__).with_name("pipeline.py")
+
+# Licences of known base models (hub licence identifiers). Anything else needs --license.
+KNOWN_LICENSES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+}
+# Training settings shown in the card, in this order (keys of the run's config.json).
+CARD_SETTINGS = ("concept_to_forget", "concept_to_override", "forget_prompts", "override_prompts", "keywords",
+                 "negative_prompts", "remain_prompts", "alpha", "t_init", "t_min", "t_max", "kappa_fake_train",
+                 "kappa_fake_eval", "kappa_teacher", "prompt_dropout", "w_fake_remain", "w_fake_forget",
+                 "w_gen_remain", "w_gen_forget", "lr_fake", "lr_gen", "batch", "duration_kimg",
+                 "ema_halflife_kimg", "resolution", "seed")
+
+
+class ExportError(ValueError):
+    """Bad input to the export; the message says what to do."""
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not models._looks_local(name) and name.count("/") == 1
+
+
+def read_run_config(snapshot: Path) -> dict:
+    """The training config.json of the run the snapshot belongs to ({} when absent)."""
+    path = Path(snapshot).parent / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def build_pipeline(snapshot: Path, sd_model: str, revision: str | None, t_init: int):
+    """SFDOneStepPipeline from a snapshot UNet and the base model's other parts (fp32, CPU)."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    from .pipeline import SFDOneStepPipeline
+
+    parts = models.load_sd_parts(sd_model, revision, load_unet=False)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(snapshot)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"--snapshot {str(snapshot)!r}: not a diffusers UNet folder ({exc})") from exc
+    sched_cfg = dict(parts.scheduler_config)
+    scheduler_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
+    return SFDOneStepPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
+                              scheduler=scheduler_cls.from_config(sched_cfg), t_init=t_init)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "–"
+    return str(value).replace("|", "\\|")
+
+
+def _setting(key: str, value):
+    """File settings by file name only (the run's paths mean nothing to a reader of the card)."""
+    return Path(value).name if value and (key.endswith("_prompts") or key == "keywords") else value
+
+
+def model_card(info: dict, run_cfg: dict, base_model: str, base_model_id: str | None, license_id: str,
+               eval_table: str | None, repo_hint: str) -> str:
+    """README.md with YAML front matter (hub metadata) and the human-readable card."""
+    concept = run_cfg.get("concept_to_forget")
+    override = run_cfg.get("concept_to_override")
+    forget_what = concept if concept else Path(run_cfg.get("forget_prompts") or "unknown").stem
+    meta = {
+        "license": license_id,
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": ["stable-diffusion", "text-to-image", "machine-unlearning", "score-forgetting-distillation",
+                 "one-step"],
+        "sfd": {"concept_forgotten": forget_what, "concept_override": override,
+                "override_prompts": run_cfg.get("override_prompts"), "images_seen": info.get("images_seen"),
+                "t_init": info.get("t_init")},
+    }
+    if base_model_id:
+        meta["base_model"] = base_model_id
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    override_text = (f"`{override}`" if override else
+                     f"the prompts of `{Path(run_cfg['override_prompts']).name}`" if run_cfg.get("override_prompts")
+                     else "(not recorded)")
+    lines = [
+        "---", front.rstrip(), "---", "",
+        f"# One-step SD generator with \"{forget_what}\" forgotten (SFD)", "",
+        "A one-step text-to-image generator distilled from "
+        f"`{base_model_id or base_model}` with Score Forgetting Distillation (Chen, Zhang, Zhou, ICLR 2025): "
+        "prompts about the forgotten concept are answered as if they asked for the override, other "
+        "prompts as the base model would, in a single network evaluation.", "",
+        "| | |", "|---|---|",
+        f"| concept forgotten | `{forget_what}` |",
+        f"| override | {override_text} |",
+        f"| base model | `{base_model_id or base_model}`" + (f" (revision `{info['revision']}`)" if info.get("revision")
+                                                         else "") + " |",
+        f"| base model licence | `{license_id}` (this model inherits it; read it before use) |",
+        f"| sampler | one step at t* = {info.get('t_init')}, no classifier-free guidance |",
+        f"| images seen in training | {_fmt(info.get('images_seen'))} |",
+        f"| generator EMA | {_fmt(info.get('ema'))} |", "",
+        "## Use", "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f"pipe = DiffusionPipeline.from_pretrained(\"{repo_hint}\", trust_remote_code=True)",
+        "image = pipe(\"a photo of a cat\", generator=torch.Generator().manual_seed(0)).images[0]",
+        "image.save(\"cat.png\")",
+        "```", "",
+        f"`pipeline.py` in this folder defines `{PIPELINE_CLASS}` (torch and diffusers only); "
+        "`trust_remote_code=True` lets diffusers import it. One `torch.Generator` per image "
+        "(`generator=[torch.Generator().manual_seed(s) for s in seeds]`) gives, for each seed, the "
+        "image the SFD repository's `generate.py` writes for that prompt and seed.", "",
+    ]
+    shown = [(k, run_cfg[k]) for k in CARD_SETTINGS if k in run_cfg]
+    if shown:
+        lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
+        lines += [f"| `{k}` | {_fmt(_setting(k, v))} |" for k, v in shown]
+        lines += [""]
+    if eval_table:
+        body = eval_table.split("\n", 1)[1] if eval_table.startswith("# ") else eval_table
+        lines += ["## Evaluation", "", body.strip().replace("\n## ", "\n### "), ""]
+    lines += [
+        "## Limitations", "",
+        "Unlearning lowers how often the concept is drawn for the prompts it was trained against; it is not "
+        "a guarantee. Paraphrases, other languages or adversarial prompts may still produce it. The "
+        "base model's licence and use restrictions apply unchanged.", "",
+    ]
+    return "\n".join(lines)
+
+
+def eval_markdown(eval_jsons: Sequence[str]) -> str | None:
+    if not eval_jsons:
+        return None
+    from .evaluation.records import EvaluationError, read_record
+    from .evaluation.table import markdown_table
+
+    try:
+        return markdown_table([read_record(p) for p in eval_jsons])
+    except EvaluationError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def export(snapshot: str | Path, out: str | Path, sd_model: str | None = None, revision: str | None = None,
+           base_model_id: str | None = None, license_id: str | None = None,
+           eval_jsons: Sequence[str] = (), repo_hint: str | None = None) -> Path:
+    """Write the pipeline folder ``out`` (atomically: a temp folder, then a rename)."""
+    snapshot, out = Path(snapshot), Path(out)
+    if not (snapshot / "config.json").is_file() or not any(snapshot.glob("diffusion_pytorch_model*")):
+        raise ExportError(f"--snapshot {str(snapshot)!r}: not a generator snapshot folder "
+                          "(network-snapshot-*: config.json + diffusion_pytorch_model weights)")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"--out {str(out)!r} exists and is not empty: choose a new folder")
+    info = models.read_snapshot_info(snapshot)
+    run_cfg = read_run_config(snapshot)
+    sd_model = sd_model or info.get("sd_model") or run_cfg.get("sd_model") or models.DEFAULT_SD_MODEL
+    revision = revision or info.get("revision")
+    base_model_id = base_model_id or (sd_model if _is_hub_id(sd_model) else None)
+    license_id = license_id or KNOWN_LICENSES.get(base_model_id or "")
+    if not license_id:
+        raise ExportError(f"the licence of base model {sd_model!r} is not known here: pass --license ID "
+                          "(a hub licence identifier, e.g. creativeml-openrail-m) or --base-model-id HUB_ID")
+    table = eval_markdown(eval_jsons)
+    t_init = int(info.get("t_init", run_cfg.get("t_init", 625)))
+    pipe = build_pipeline(snapshot, sd_model, revision, t_init)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        index_path = tmp / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = ["pipeline", PIPELINE_CLASS]  # diffusers then imports pipeline.py from here
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(PIPELINE_FILE, tmp / "pipeline.py")
+        (tmp / "sfd_generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        card = model_card(info, run_cfg, sd_model, base_model_id, license_id, table, repo_hint or str(out))
+        (tmp / "README.md").write_text(card)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload ``folder`` with huggingface_hub (needs `hf auth login` first)."""
+    from huggingface_hub import HfApi, get_token
+
+    if get_token() is None:
+        raise ExportError("--push-to-hub: not logged in to the Hugging Face Hub; run `hf auth login` first")
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="SFD one-step generator")
+    return str(getattr(commit, "commit_url", commit))
