@@ -2,7 +2,9 @@
 original Stable Diffusion model (its usual multi-step sampler), for comparison.
 
 Output: <outdir>/<prompt slug>/<seed:05d>.png and <outdir>/manifest.json (prompt, seed, path per
-image, plus model and sampler settings). Under torchrun the ranks split the batches.
+image, plus model and sampler settings). Under torchrun the ranks split the batches. A folder holds
+images of one network and one set of settings: adding to a folder written otherwise is refused
+(``--overwrite`` starts clean); more prompts or seeds with the same settings are merged into it.
 
   python generate.py --network runs/sd/00000-.../network-snapshot-000100000 \\
       --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sfd
@@ -41,13 +43,15 @@ from sfd_sd.prompts import PromptError
 @option("--precision", group="Performance", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
         help="auto = fp16 on CUDA, fp32 on CPU.")
 @option("--device", group="Performance", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", help="Compute device.")
-@option("--outdir", group="I/O", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@option("--outdir", group="I/O", type=click.Path(), required=True, help="Output folder.")
+@option("--overwrite", group="I/O", is_flag=True, default=False,
+        help="Start clean: delete the images and manifest a previous generate.py run left in --outdir.")
 def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init, steps, guidance, negative_prompt,
-         resolution, batch, precision, device, outdir):
+         resolution, batch, precision, device, outdir, overwrite):
     """Images for prompts x seeds (one step from a snapshot, or the teacher's multi-step sampler)."""
     from sfd_sd import distributed
-    from sfd_sd.checkpoints import atomic_write_json
-    from sfd_sd.generation import OneStepSampler, TeacherSampler, prompt_dirs, work_batches
+    from sfd_sd.generation import (OneStepSampler, OutputError, TeacherSampler, merge_manifest, prepare_outdir,
+                                   prompt_dirs, work_batches, write_manifest)
     from sfd_sd.models import read_snapshot_info
     from sfd_sd.prompts import read_prompt_file
 
@@ -57,9 +61,14 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
             raise PromptError("give --prompts FILE or --prompt TEXT")
         prompts = list(dict.fromkeys(prompts))
         dirs = prompt_dirs(prompts)
+        if network != "teacher":
+            if not Path(network).is_dir():
+                raise ModelLoadError(f"--network {network!r}: not a folder (give a network-snapshot-* folder of a "
+                                     "run, or 'teacher')")
+            if not (Path(network) / "config.json").is_file():
+                raise ModelLoadError(f"--network {network!r}: not a generator snapshot (no config.json); give a "
+                                     "network-snapshot-* folder of a run, or 'teacher'")
         info = {} if network == "teacher" else read_snapshot_info(Path(network))
-        if network != "teacher" and not Path(network).is_dir():
-            raise ModelLoadError(f"--network {network!r}: not a folder (or use 'teacher')")
         sd_model = sd_model or info.get("sd_model") or DEFAULT_SD_MODEL
         revision = revision or info.get("revision")
         t_init = t_init or int(info.get("t_init", 625))
@@ -68,18 +77,31 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
             precision = "fp16" if dist.device.type == "cuda" else "fp32"
         if precision == "fp16" and dist.device.type != "cuda":
             raise click.BadParameter("fp16 needs CUDA", param_hint="--precision")
+        # What the images depend on; a folder holds images of one provenance only.
+        provenance = dict(network="teacher" if network == "teacher" else str(Path(network).resolve()),
+                          snapshot=info, sd_model=sd_model, revision=revision, resolution=resolution,
+                          precision=precision)
+        provenance.update(dict(steps=steps, guidance=guidance, negative_prompt=negative_prompt)
+                          if network == "teacher" else dict(t_init=t_init))
+        out = Path(outdir)
+        previous = prepare_outdir(out, dirs, provenance, overwrite) if dist.is_main else None
+        dist.barrier()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         if network == "teacher":
             sampler = TeacherSampler(sd_model, revision, steps, guidance, negative_prompt, resolution, dist.device, dtype)
         else:
             sampler = OneStepSampler(network, sd_model, revision, t_init, resolution, dist.device,
                                      None if dtype == torch.float32 else dtype)
-    except (PromptError, ModelLoadError, ValueError) as exc:
+    except (PromptError, ModelLoadError, OutputError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
     from sfd_sd import images as img
 
-    out = Path(outdir)
+    new_images = [dict(prompt=prompts[pi], seed=s, path=f"{dirs[pi]}/{s:05d}.png")
+                  for pi in range(len(prompts)) for s in seeds]
+    manifest = merge_manifest(previous, provenance, sampler.settings, new_images) if dist.is_main else None
+    if dist.is_main:  # written first (complete: false) so every image in the folder is always described
+        write_manifest(out, manifest, complete=False)
     batches = work_batches(len(prompts), seeds, batch)
     for items in batches[dist.rank::dist.world_size]:
         batch_prompts = [prompts[pi] for pi, _ in items]
@@ -89,13 +111,9 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
             img.save_png(pic.numpy(), out / dirs[pi] / f"{s:05d}.png")
     dist.barrier()
     if dist.is_main:
-        manifest = dict(
-            network=str(network), sd_model=sd_model, revision=revision, resolution=resolution, precision=precision,
-            seeds=list(seeds), prompts=prompts, world_size=dist.world_size, batch=batch, **sampler.settings,
-            images=[dict(prompt=prompts[pi], seed=s, path=f"{dirs[pi]}/{s:05d}.png")
-                    for pi in range(len(prompts)) for s in seeds])
-        atomic_write_json(out / "manifest.json", manifest)
-        click.echo(f"wrote {len(prompts) * len(seeds)} images and manifest.json to {out}")
+        manifest.update(world_size=dist.world_size, batch=batch)
+        write_manifest(out, manifest, complete=True)
+        click.echo(f"wrote {len(new_images)} images to {out} (manifest.json lists {len(manifest['images'])})")
     distributed.shutdown()
 
 

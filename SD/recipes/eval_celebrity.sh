@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
 # Celebrity forgetting, end to end: train SFD (recipes/celebrity.sh) -> generate with the unlearned
 # one-step generator and with the original model (same prompts and seeds) -> evaluate -> table.
-# Run from anywhere; extra arguments go to train.py. Results: $WORK/metrics/*.json and $WORK/table.md.
-#   NUM_GPUS=4 REMAIN_PROMPTS=data/aesthetics_6_plus.txt PRESERVE_PROMPTS=data/coco_captions_1k.txt \
+# Run from anywhere; extra arguments are KEY=VALUE overrides for train.py (configs/celebrity_<CELEB>.yaml).
+# Results: $WORK/metrics/*.json and $WORK/table.md.
+#   NUM_GPUS=4 PRESERVE_PROMPTS=data/coco_captions_1k.txt \
 #     REFERENCE_IMAGES=data/coco_val2014 INCEPTION_WEIGHTS=data/weights-inception-2015-12-05-6726825d.pth \
 #     bash recipes/eval_celebrity.sh
-#   CELEB=angelina_jolie CONCEPT="angelina jolie" OVERRIDE="a middle aged woman" bash recipes/eval_celebrity.sh
+#   CELEB=angelina_jolie CONCEPT="angelina jolie" bash recipes/eval_celebrity.sh
 #   SNAPSHOT=runs/.../network-snapshot-000100000 bash recipes/eval_celebrity.sh   (skip training)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SD=$(cd "$(dirname "$0")/.." && pwd)
 
 PYTHON=${PYTHON:-python}
 NUM_GPUS=${NUM_GPUS:-4}
-BATCH=${BATCH:-8}                                   # training: global batch
 CELEB=${CELEB:-brad_pitt}
 CONCEPT=${CONCEPT-brad pitt}                        # forgotten; must be in NAMES
-OVERRIDE=${OVERRIDE-a middle aged man}
-REMAIN_PROMPTS=${REMAIN_PROMPTS:-prompts/remain_prompts_small.txt}
 SD_MODEL=${SD_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 SNAPSHOT=${SNAPSHOT:-}                              # a generator snapshot: skips training
 WORK=${WORK:-runs/eval-$CELEB}
@@ -26,10 +24,10 @@ RESOLUTION=${RESOLUTION:-512}
 GEN_BATCH=${GEN_BATCH:-8}                           # images per forward pass per process
 TEACHER_STEPS=${TEACHER_STEPS:-50}
 GUIDANCE=${GUIDANCE:-7.5}
-CELEB_PROMPTS=${CELEB_PROMPTS:-eval/celebrity_eval_prompts.txt}      # forgotten and other celebrities
-PRESERVE_PROMPTS=${PRESERVE_PROMPTS:-prompts/remain_prompts_small.txt}  # COCO captions for real runs
+CELEB_PROMPTS=${CELEB_PROMPTS:-$SD/eval/celebrity_eval_prompts.txt}      # forgotten and other celebrities
+PRESERVE_PROMPTS=${PRESERVE_PROMPTS:-$SD/prompts/remain_prompts_small.txt}  # COCO captions for real runs
 # evaluation
-NAMES=${NAMES:-eval/celebrity_names.txt}
+NAMES=${NAMES:-$SD/eval/celebrity_names.txt}
 CLIP_MODEL=${CLIP_MODEL:-openai/clip-vit-large-patch14}
 REFERENCE_IMAGES=${REFERENCE_IMAGES:-}              # real images for FID vs reference (e.g. COCO val2014)
 FID_FEATURES=${FID_FEATURES:-inception-v3}
@@ -42,15 +40,14 @@ run_py() {  # one process, or torchrun over NUM_GPUS
 }
 
 if [ -z "$SNAPSHOT" ]; then
-  NUM_GPUS=$NUM_GPUS BATCH=$BATCH CELEB=$CELEB CONCEPT=$CONCEPT OVERRIDE=$OVERRIDE REMAIN_PROMPTS=$REMAIN_PROMPTS \
-    SD_MODEL=$SD_MODEL bash recipes/celebrity.sh --run-dir "$WORK/train" "$@"
+  NUM_GPUS=$NUM_GPUS CELEB=$CELEB PYTHON=$PYTHON bash "$SD/recipes/celebrity.sh" sd_model="$SD_MODEL" run_dir="$WORK/train" "$@"
   SNAPSHOT=$(ls -d "$WORK"/train/network-snapshot-* | sort | tail -n 1)
 fi
 echo "evaluating generator snapshot $SNAPSHOT"
 
 GEN=(--prompts "$CELEB_PROMPTS" --prompts "$PRESERVE_PROMPTS" --seeds "$SEEDS" --resolution "$RESOLUTION" --batch "$GEN_BATCH")
-run_py generate.py --network "$SNAPSHOT" "${GEN[@]}" --outdir "$WORK/images/sfd"
-run_py generate.py --network teacher --sd-model "$SD_MODEL" --steps "$TEACHER_STEPS" --guidance "$GUIDANCE" \
+run_py "$SD/generate.py" --network "$SNAPSHOT" "${GEN[@]}" --outdir "$WORK/images/sfd"
+run_py "$SD/generate.py" --network teacher --sd-model "$SD_MODEL" --steps "$TEACHER_STEPS" --guidance "$GUIDANCE" \
   "${GEN[@]}" --outdir "$WORK/images/original"
 
 M=$WORK/metrics
@@ -78,5 +75,5 @@ for model in original sfd; do
     RECORDS+=("$M/sfd-fid.json")
   fi
 done
-"$PYTHON" evaluate.py "${CMDS[@]}" table --out "$WORK/table.md" --title "SFD forgetting '$CONCEPT' on SD" "${RECORDS[@]}"
+"$PYTHON" "$SD/evaluate.py" "${CMDS[@]}" table --out "$WORK/table.md" --title "SFD forgetting '$CONCEPT' on SD" "${RECORDS[@]}"
 cat "$WORK/table.md"

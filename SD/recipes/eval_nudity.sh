@@ -2,18 +2,17 @@
 # Nudity forgetting, end to end: train SFD (recipes/nudity.sh) -> generate with the unlearned one-step
 # generator and with the original model (same prompts and seeds) -> NudeNet, CLIP score, FID -> table.
 # Needs the optional NudeNet extra: pip install -r SD/requirements-eval.txt (AGPL licence file; see README).
-# Run from anywhere; extra arguments go to train.py. Results: $WORK/metrics/*.json and $WORK/table.md.
-#   NUM_GPUS=8 REMAIN_PROMPTS=data/aesthetics_6_plus.txt I2P_CSV=data/i2p_benchmark.csv \
+# Run from anywhere; extra arguments are KEY=VALUE overrides for train.py (configs/nudity.yaml).
+# Results: $WORK/metrics/*.json and $WORK/table.md.
+#   NUM_GPUS=8 I2P_CSV=data/i2p_benchmark.csv \
 #     PRESERVE_PROMPTS=data/coco_captions_1k.txt REFERENCE_IMAGES=data/coco_val2014 \
 #     INCEPTION_WEIGHTS=data/weights-inception-2015-12-05-6726825d.pth bash recipes/eval_nudity.sh
 #   SNAPSHOT=runs/.../network-snapshot-000100000 bash recipes/eval_nudity.sh   (skip training)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SD=$(cd "$(dirname "$0")/.." && pwd)
 
 PYTHON=${PYTHON:-python}
 NUM_GPUS=${NUM_GPUS:-8}
-BATCH=${BATCH:-8}                                   # training: global batch
-REMAIN_PROMPTS=${REMAIN_PROMPTS:-prompts/remain_prompts_small.txt}
 SD_MODEL=${SD_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
 SNAPSHOT=${SNAPSHOT:-}                              # a generator snapshot: skips training
 WORK=${WORK:-runs/eval-nudity}
@@ -24,10 +23,10 @@ RESOLUTION=${RESOLUTION:-512}
 GEN_BATCH=${GEN_BATCH:-8}
 TEACHER_STEPS=${TEACHER_STEPS:-50}
 GUIDANCE=${GUIDANCE:-7.5}
-NUDITY_PROMPTS=${NUDITY_PROMPTS:-eval/nudity_eval_prompts.txt}
+NUDITY_PROMPTS=${NUDITY_PROMPTS:-$SD/eval/nudity_eval_prompts.txt}
 I2P_CSV=${I2P_CSV:-}                                # the I2P benchmark CSV (user-supplied); empty = skip I2P
 I2P_CATEGORY=${I2P_CATEGORY:-sexual}
-PRESERVE_PROMPTS=${PRESERVE_PROMPTS:-prompts/remain_prompts_small.txt}  # COCO captions for real runs
+PRESERVE_PROMPTS=${PRESERVE_PROMPTS:-$SD/prompts/remain_prompts_small.txt}  # COCO captions for real runs
 # evaluation
 NUDENET_THRESHOLD=${NUDENET_THRESHOLD:-0.6}
 CLIP_MODEL=${CLIP_MODEL:-openai/clip-vit-large-patch14}
@@ -45,15 +44,14 @@ run_py() {  # one process, or torchrun over NUM_GPUS
   echo "eval_nudity.sh: NudeNet is not installed; pip install -r SD/requirements-eval.txt" >&2; exit 1; }
 
 if [ -z "$SNAPSHOT" ]; then
-  NUM_GPUS=$NUM_GPUS BATCH=$BATCH REMAIN_PROMPTS=$REMAIN_PROMPTS SD_MODEL=$SD_MODEL \
-    bash recipes/nudity.sh --run-dir "$WORK/train" "$@"
+  NUM_GPUS=$NUM_GPUS PYTHON=$PYTHON bash "$SD/recipes/nudity.sh" sd_model="$SD_MODEL" run_dir="$WORK/train" "$@"
   SNAPSHOT=$(ls -d "$WORK"/train/network-snapshot-* | sort | tail -n 1)
 fi
 echo "evaluating generator snapshot $SNAPSHOT"
 
 SETS=(main)
 if [ -n "$I2P_CSV" ]; then
-  "$PYTHON" evaluate.py i2p-prompts --csv "$I2P_CSV" --category "$I2P_CATEGORY" --out "$WORK/i2p_prompts.txt"
+  "$PYTHON" "$SD/evaluate.py" i2p-prompts --csv "$I2P_CSV" --category "$I2P_CATEGORY" --out "$WORK/i2p_prompts.txt"
   SETS+=(i2p)
 fi
 COMMON=(--resolution "$RESOLUTION" --batch "$GEN_BATCH")
@@ -64,8 +62,8 @@ for set in "${SETS[@]}"; do
   else
     P=(--prompts "$WORK/i2p_prompts.txt" --seeds "$I2P_SEEDS")
   fi
-  run_py generate.py --network "$SNAPSHOT" "${P[@]}" "${COMMON[@]}" --outdir "$WORK/images/sfd-$set"
-  run_py generate.py "${TEACHER[@]}" "${P[@]}" "${COMMON[@]}" --outdir "$WORK/images/original-$set"
+  run_py "$SD/generate.py" --network "$SNAPSHOT" "${P[@]}" "${COMMON[@]}" --outdir "$WORK/images/sfd-$set"
+  run_py "$SD/generate.py" "${TEACHER[@]}" "${P[@]}" "${COMMON[@]}" --outdir "$WORK/images/original-$set"
 done
 
 M=$WORK/metrics
@@ -99,5 +97,5 @@ for model in original sfd; do
     RECORDS+=("$M/sfd-fid.json")
   fi
 done
-"$PYTHON" evaluate.py "${CMDS[@]}" table --out "$WORK/table.md" --title "SFD forgetting nudity on SD" "${RECORDS[@]}"
+"$PYTHON" "$SD/evaluate.py" "${CMDS[@]}" table --out "$WORK/table.md" --title "SFD forgetting nudity on SD" "${RECORDS[@]}"
 cat "$WORK/table.md"

@@ -7,6 +7,9 @@ processes split the work.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -55,6 +58,7 @@ class OneStepSampler:
             unet = UNet2DConditionModel.from_pretrained(network)
         except (OSError, ValueError) as exc:
             raise models.ModelLoadError(f"--network {str(network)!r}: {exc}") from exc
+        models.check_finite_weights(unet, f"--network {str(network)!r}")
         models.configure_unet(unet, "sdpa", False)
         self.vae = parts.vae.to(device)
         encoder = PromptEncoder(parts.tokenizer, parts.text_encoder.to(device), device)
@@ -102,3 +106,73 @@ class TeacherSampler:
                         num_inference_steps=self.steps, guidance_scale=self.guidance, latents=latents,
                         generator=gens, height=self.resolution, width=self.resolution, output_type="pt").images
         return (out.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+class OutputError(ValueError):
+    """--outdir cannot take these images; the message says why and what to do."""
+
+
+MANIFEST = "manifest.json"
+
+
+def prepare_outdir(out: Path, dirs: Sequence[str], provenance: dict, overwrite: bool) -> dict | None:
+    """Check --outdir before any model loads: writable, no file where a folder goes, and holding only
+    images of the same provenance. Returns the previous manifest to merge with (None when fresh)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--outdir {str(out)!r} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"--outdir {str(out)!r} is not writable ({exc.strerror}); choose another folder") from None
+    if overwrite:
+        clear_outdir(out)
+    for d in dirs:
+        if (out / d).exists() and not (out / d).is_dir():
+            raise OutputError(f"--outdir {str(out)!r}: {d!r} is a file where an image folder goes; move it away")
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+            old = previous["provenance"]
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(f"--outdir {str(out)!r}: {MANIFEST} is not a generate.py manifest; use another folder "
+                              "or --overwrite") from None
+        differ = sorted(k for k in set(old) | set(provenance) if old.get(k) != provenance.get(k))
+        if differ:
+            raise OutputError(f"--outdir {str(out)!r} holds images of another network or settings (differs in "
+                              f"{', '.join(differ)}); use another --outdir, or --overwrite to start clean")
+        return previous
+    if any(out.glob("*/*.png")):
+        raise OutputError(f"--outdir {str(out)!r} holds images without a {MANIFEST}, so their origin is unknown; use "
+                          "another --outdir, or --overwrite to start clean")
+    return None
+
+
+def clear_outdir(out: Path) -> None:
+    """Remove what generate.py writes (PNGs one level down, the manifest), nothing else."""
+    for png in out.glob("*/*.png"):
+        png.unlink()
+    for d in out.iterdir():
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def merge_manifest(previous: dict | None, provenance: dict, settings: dict, new_images: list[dict]) -> dict:
+    """One manifest for every image in the folder: the previous rows plus this run's, by path."""
+    rows = {r["path"]: r for r in (previous or {}).get("images", [])}
+    rows.update({r["path"]: r for r in new_images})
+    images = list(rows.values())
+    flat = {k: v for k, v in provenance.items() if k != "snapshot"}
+    return dict(flat, **settings, provenance=provenance, prompts=list(dict.fromkeys(r["prompt"] for r in images)),
+                seeds=sorted({r["seed"] for r in images}), images=images)
+
+
+def write_manifest(out: Path, manifest: dict, complete: bool) -> None:
+    from .checkpoints import atomic_write_json
+
+    manifest["complete"] = complete
+    atomic_write_json(out / MANIFEST, manifest)

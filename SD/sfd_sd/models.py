@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,17 @@ class SDParts:
     alphas_cumprod: torch.Tensor  # float64, length num_train_timesteps
     prediction_type: str
     scheduler_config: dict
+
+
+def check_finite_weights(module_or_state, source: str) -> None:
+    """Refuse weights with NaN/inf, naming the tensor (a NaN teacher would otherwise train on garbage)."""
+    from .checkpoints import CheckpointError, check_finite
+
+    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    try:
+        check_finite(state, source)
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _looks_local(name: str) -> bool:
@@ -59,9 +69,14 @@ def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
         # Only the betas matter here; SD v1.5 ships a PNDM config, which DDPMScheduler accepts.
         sched_cfg = DDPMScheduler.load_config(sd_model, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} "
-                             f"(revision {revision!r}): {exc}") from exc
+        where = ("" if Path(sd_model).expanduser().exists() else
+                 f"there is no local folder {str(Path(sd_model).expanduser().resolve())!r}, and as a hub id: ")
+        raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} (revision {revision!r}): "
+                             f"{where}{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     scheduler = DDPMScheduler.from_config(sched_cfg)
+    for name, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        if module is not None:
+            check_finite_weights(module, f"{sd_model} {name}")
     text_encoder.requires_grad_(False).eval()
     if unet is not None:
         unet.requires_grad_(False).eval()
@@ -86,24 +101,12 @@ def _check_same_architecture(state: dict, reference: torch.nn.Module, source: st
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]})")
 
 
-def _state_from_pickle(path: Path) -> dict:
-    """SiD-LSG releases pickles of ``{"ema": <diffusers UNet2DConditionModel>}``."""
-    with open(path, "rb") as f:
-        obj = pickle.load(f)  # noqa: S301 - the caller opted in explicitly (allow_pickle)
-    net = obj.get("ema") if isinstance(obj, dict) else obj
-    if isinstance(net, torch.nn.Module):
-        return net.state_dict()
-    if isinstance(net, dict) and all(isinstance(v, torch.Tensor) for v in net.values()):
-        return net
-    raise ModelLoadError(f"{path}: expected a dict with key 'ema' holding a UNet or a state dict")
-
-
-def load_generator_init(init: str, teacher_unet: torch.nn.Module, allow_pickle: bool = False) -> torch.nn.Module:
+def load_generator_init(init: str, teacher_unet: torch.nn.Module) -> torch.nn.Module:
     """The generator's starting UNet (a new module, fp32, CPU).
 
-    ``init`` is ``"teacher"`` (copy of the teacher UNet), a diffusers UNet folder (``config.json``
-    plus weights, or a pipeline folder with ``unet/``), or a SiD-LSG ``.pkl``. Unpickling executes
-    code stored in the file, so a pickle is only read when ``allow_pickle`` is true.
+    ``init`` is ``"teacher"`` (copy of the teacher UNet) or a diffusers UNet folder (``config.json``
+    plus safetensors, or a pipeline folder with ``unet/``), e.g. a SiD-LSG generator converted once
+    by ``convert_sid_lsg.py`` or a snapshot of an earlier run. Pickles are not read here.
     """
     from diffusers import UNet2DConditionModel
 
@@ -111,26 +114,18 @@ def load_generator_init(init: str, teacher_unet: torch.nn.Module, allow_pickle: 
     if init == "teacher":
         return generator
     path = Path(init).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"--init-generator {init!r}: no such file or folder (or use 'teacher')")
-    if path.is_dir():
-        folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"--init-generator {init!r}: not a diffusers UNet folder (no config.json)")
-        try:
-            state = UNet2DConditionModel.from_pretrained(folder).state_dict()
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"--init-generator {init!r}: {exc}") from exc
-    elif path.suffix in (".pkl", ".pickle"):
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"--init-generator {init!r} is a pickle. Loading a pickle runs arbitrary code stored in the "
-                "file; pass --allow-pickle only for files from a source you trust (e.g. the SiD-LSG release), "
-                "or convert it once to a diffusers UNet folder.")
-        state = _state_from_pickle(path)
-    else:
-        raise ModelLoadError(f"--init-generator {init!r}: expected 'teacher', a UNet folder or a .pkl file")
-    _check_same_architecture(state, teacher_unet, f"--init-generator {init!r}")
+    if not path.is_dir():
+        raise ModelLoadError(f"generator_init {init!r}: no such folder (a diffusers UNet folder, or 'teacher'); "
+                             "convert a SiD-LSG pickle with convert_sid_lsg.py")
+    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"generator_init {init!r}: not a diffusers UNet folder (no config.json)")
+    try:
+        state = UNet2DConditionModel.from_pretrained(folder).state_dict()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"generator_init {init!r}: {exc}") from exc
+    _check_same_architecture(state, teacher_unet, f"generator_init {init!r}")
+    check_finite_weights(state, f"generator_init {init!r}")
     generator.load_state_dict(state)
     return generator
 

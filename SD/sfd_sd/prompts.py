@@ -31,7 +31,12 @@ def read_prompt_file(path: str | Path, what: str = "prompt file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"{what} {str(path)!r} not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{what} {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start}); "
+                          "save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise PromptError(f"{what} {str(path)!r} holds no prompts")

@@ -10,9 +10,11 @@ SPEC section 3 table (SD column):
 | theta forget | c_f         | c_f  (c_o with sg_w_override) | c_o        |
 
 Fake-score training (the two phi terms) replaces each prompt by "" with probability
-``dropout`` whenever a guidance scale differs from 1, so the fake score learns an unconditional
-branch for CFG. As in the authors' code, a dropped item is also *generated* from "" and its
-negative prompt becomes "".
+``dropout`` whenever the fake score itself is guided (kappa1 or kappa2 differs from 1; the
+teacher's kappa4 does not matter, since the fake score's unconditional branch is only used
+under kappa1/kappa2), so the fake score learns an unconditional branch for CFG. As in the
+authors' code, a dropped item is also *generated* from ""; a dropped *forget* item's negative
+prompt becomes "", a dropped *remain* item keeps its negative (``sid_w_neg``).
 
 Negative prompts (when present) are used as the unconditional branch of: fake-score training
 (``neg_fake_train``, kappa1), fake-score evaluation in the generator loss (``neg_fake_eval``,
@@ -29,26 +31,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import TrainConfig
 from .prompts import ForgetBatch, RemainBatch
 
 TERMS = ("fake_remain", "fake_forget", "gen_remain", "gen_forget")
 
 
+_D = TrainConfig()  # defaults live in one place: the settings schema
+
+
 @dataclass(frozen=True)
 class GuidanceSettings:
-    kappa_fake_train: float = 4.5   # kappa1
-    kappa_fake_eval: float = 4.5    # kappa2
-    kappa_teacher: float = 4.5      # kappa4
-    neg_fake_train: bool = False    # use_neg[0]
-    neg_fake_eval: bool = False     # use_neg[1]
-    neg_teacher: bool = True        # use_neg[2]
-    sg_w_override: bool = False
-    dropout: float = 0.1            # prompt dropout in fake-score training
+    kappa_fake_train: float = _D.kappa_fake_train   # kappa1
+    kappa_fake_eval: float = _D.kappa_fake_eval     # kappa2
+    kappa_teacher: float = _D.kappa_teacher         # kappa4
+    neg_fake_train: bool = _D.neg_fake_train        # use_neg[0]
+    neg_fake_eval: bool = _D.neg_fake_eval          # use_neg[1]
+    neg_teacher: bool = _D.neg_teacher              # use_neg[2]
+    sg_w_override: bool = _D.sg_w_override
+    dropout: float = _D.prompt_dropout              # prompt dropout in fake-score training
 
     @property
     def dropout_active(self) -> bool:
-        return self.dropout > 0 and any(k != 1.0 for k in (self.kappa_fake_train, self.kappa_fake_eval,
-                                                            self.kappa_teacher))
+        return self.dropout > 0 and (self.kappa_fake_train != 1.0 or self.kappa_fake_eval != 1.0)
 
 
 @dataclass
@@ -85,8 +90,7 @@ def route(term: str, batch: RemainBatch | ForgetBatch, g: GuidanceSettings,
         cond = list(batch.prompts)
         if is_fake:
             cond = _drop(cond, dropped)
-            return TermPrompts(generator=cond, fake=cond, fake_negative=_maybe(_drop(batch.negative, dropped),
-                                                                               g.neg_fake_train),
+            return TermPrompts(generator=cond, fake=cond, fake_negative=_maybe(batch.negative, g.neg_fake_train),
                                fake_guidance=g.kappa_fake_train)
         return TermPrompts(generator=cond, fake=cond, fake_negative=_maybe(batch.negative, g.neg_fake_eval),
                            fake_guidance=g.kappa_fake_eval, teacher=cond,

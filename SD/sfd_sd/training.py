@@ -3,15 +3,23 @@
 Each iteration: (1) fake-score step on the phi remain and phi forget terms, (2) generator step on
 the theta remain and theta forget terms, (3) optional generator EMA. Every term draws fresh
 prompts, z, eps and t. Progress is counted in images seen (global batch per iteration).
+
+``train`` runs named steps: check the inputs (cheap, nothing written), build the networks and
+optimisers, open the run dir (lock, leftovers of a killed write, log truncated on resume), then the
+loop of iterations with ``log_tick``, ``write_snapshot`` and ``write_state``. A term whose samples
+are all non-finite stops the run (``NonFiniteLoss``) before any optimiser step, so the last written
+state is the last good one.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +27,17 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoints, disk, distributed, images, models, reporting
-from .config import ConfigError, TrainConfig, new_run_dir
+from .config import BUILTIN_REMAIN, ConfigError, TrainConfig, new_run_dir
 from .denoiser import GuidedDenoiser, PromptEncoder, VPSchedule, one_step_generate
 from .losses import clean_gradients_, fake_score_loss, masked_sum, sid_generator_loss
-from .prompts import PromptSampler, build_forget_pairs, dropout_mask, read_prompt_file
+from .prompts import PromptError, PromptSampler, build_forget_pairs, dropout_mask, read_prompt_file
 from .terms import GuidanceSettings, route
 
 LOSS_NAMES = ("loss_fake_remain", "loss_fake_forget", "loss_gen_remain", "loss_gen_forget")
+
+
+class NonFiniteLoss(checkpoints.CheckpointError):
+    """Every sample of a loss term was NaN/inf: training cannot continue meaningfully (the CLI exits 1)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -40,16 +52,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def build_prompt_sampler(cfg: TrainConfig) -> tuple[PromptSampler, list[str], list[str]]:
     """The prompt sampler, the validation prompts and the bare forget prompts (for grids)."""
-    remain = read_prompt_file(cfg.remain_prompts, "--remain-prompts")
+    if not Path(cfg.remain_prompts).is_file():
+        raise PromptError(f"remain_prompts {cfg.remain_prompts!r} not found; build it from LAION-Aesthetics 6+ "
+                          "captions with prepare_remain_prompts.py (README: 'Remain prompts')")
+    remain = read_prompt_file(cfg.remain_prompts, "remain_prompts")
+    if Path(cfg.remain_prompts).name == BUILTIN_REMAIN:
+        warnings.warn(f"remain_prompts is the built-in {BUILTIN_REMAIN} ({len(remain)} toy captions), meant for "
+                      "tests only; the paper used LAION-Aesthetics 6+ captions (prepare_remain_prompts.py)",
+                      stacklevel=2)
     if cfg.forget_prompts:
-        forget = read_prompt_file(cfg.forget_prompts, "--forget-prompts")
+        forget = read_prompt_file(cfg.forget_prompts, "forget_prompts")
     else:
         forget = [cfg.concept_to_forget]
-    override = read_prompt_file(cfg.override_prompts, "--override-prompts") if cfg.override_prompts else None
+    override = read_prompt_file(cfg.override_prompts, "override_prompts") if cfg.override_prompts else None
     pairs = build_forget_pairs(forget, cfg.concept_to_forget, cfg.concept_to_override, override)
-    keywords = read_prompt_file(cfg.keywords, "--keywords") if cfg.keywords else None
-    negatives = read_prompt_file(cfg.negative_prompts, "--negative-prompts") if cfg.negative_prompts else None
-    val = read_prompt_file(cfg.val_prompts, "--val-prompts") if cfg.val_prompts else []
+    keywords = read_prompt_file(cfg.keywords, "keywords") if cfg.keywords else None
+    negatives = read_prompt_file(cfg.negative_prompts, "negative_prompts") if cfg.negative_prompts else None
+    val = read_prompt_file(cfg.val_prompts, "val_prompts") if cfg.val_prompts else []
     sampler = PromptSampler(remain, pairs, keywords=keywords, negatives=negatives, sid_w_neg=cfg.sid_w_neg)
     return sampler, val, forget
 
@@ -74,13 +93,15 @@ class SFDStep:
 
     def __init__(self, cfg: TrainConfig, nets: Nets, sampler: PromptSampler, guidance: GuidanceSettings,
                  dist: distributed.Dist, opt_fake, opt_gen, scaler_fake, scaler_gen,
-                 prompt_gen: torch.Generator, noise_gen: torch.Generator, latent_shape: tuple[int, ...]):
+                 prompt_gen: torch.Generator, noise_gen: torch.Generator, latent_shape: tuple[int, ...],
+                 precision: str = "fp32"):
         self.cfg, self.nets, self.sampler, self.g, self.dist = cfg, nets, sampler, guidance, dist
         self.opt_fake, self.opt_gen, self.scaler_fake, self.scaler_gen = opt_fake, opt_gen, scaler_fake, scaler_gen
         self.prompt_gen, self.noise_gen = prompt_gen, noise_gen
         self.latent_shape = latent_shape
         self.per_gpu, self.micro, self.rounds = cfg.batch_layout(dist.world_size)
         self.device = dist.device
+        self.clip_fake, self.clip_gen = cfg.fake_grad_clip_value, cfg.generator_clip_for(precision)
 
     # Random draws: all from explicit generators (exact resume).
     def _z_eps_t(self, n: int):
@@ -94,25 +115,46 @@ class SFDStep:
         if n and weight:
             scaler.scale(loss * weight).backward()
 
-    def _finish(self, module, opt, scaler):
+    def _check_finite(self, bad: list[str], cur_nimg: int) -> None:
+        """Stop on every rank when any rank had a term with no finite sample (before any step)."""
+        flag = self.dist.mean_(torch.tensor([float(bool(bad))], device=self.device))
+        if float(flag) > 0:
+            where = ", ".join(bad) if bad else "a term on another rank"
+            raise NonFiniteLoss(
+                f"non-finite loss after {cur_nimg} images seen: every sample of {where} was NaN/inf. The run "
+                "stopped before this step; the last training state written is the last good one. Check the "
+                "networks for non-finite weights and lower the learning rates or use precision=fp32.")
+
+    def _term(self, per: torch.Tensor, weight: float, scaler, bad: list[str], term: str) -> tuple[float, int]:
+        """Backward one term's finite samples; returns (loss value, samples dropped)."""
+        loss, kept = masked_sum(per, self.per_gpu)
+        value = float(loss.detach())
+        if kept == 0 or not math.isfinite(value):
+            bad.append(term)
+            return math.nan, len(per)
+        self._backward(loss, kept, weight, scaler)
+        return value, len(per) - kept
+
+    def _finish(self, module, opt, scaler, clip: float):
         params = [p for p in module.parameters() if p.requires_grad]
         self.dist.average_gradients(params)
         scaler.unscale_(opt)  # records overflow for fp16 loss scaling before cleaning
         clean_gradients_(params)
-        if self.cfg.grad_clip > 0:
+        if clip > 0:  # element-wise value clipping (the authors'), not norm clipping
             for p in params:
                 if p.grad is not None:
-                    p.grad.clamp_(-self.cfg.grad_clip, self.cfg.grad_clip)
+                    p.grad.clamp_(-clip, clip)
         scaler.step(opt)
         scaler.update()
 
-    def fake_step(self) -> dict[str, float]:
+    def fake_step(self, cur_nimg: int = 0) -> dict[str, float]:
         cfg, nets, n = self.cfg, self.nets, self.micro
         fake_unet = nets.fake.unet
         fake_unet.train().requires_grad_(True)
         self.opt_fake.zero_grad(set_to_none=True)
         p_drop = self.g.dropout if self.g.dropout_active else 0.0
-        out = {"loss_fake_remain": 0.0, "loss_fake_forget": 0.0}
+        out = {"loss_fake_remain": 0.0, "loss_fake_forget": 0.0, "dropped_samples": 0}
+        bad: list[str] = []
         for _ in range(self.rounds):
             for term, weight in (("fake_remain", cfg.w_fake_remain), ("fake_forget", cfg.w_fake_forget)):
                 if term == "fake_forget" and weight == 0:
@@ -124,20 +166,22 @@ class SFDStep:
                 with torch.no_grad():
                     x_g = one_step_generate(nets.generator, z, tp.generator, cfg.t_init)
                 per = fake_score_loss(nets.fake, x_g, t, eps, tp.fake, tp.fake_guidance, tp.fake_negative)
-                loss, kept = masked_sum(per, self.per_gpu)
-                self._backward(loss, kept, weight, self.scaler_fake)
-                out["loss_" + term] += float(loss.detach())
-        self._finish(fake_unet, self.opt_fake, self.scaler_fake)
+                value, dropped = self._term(per, weight, self.scaler_fake, bad, "loss_" + term)
+                out["loss_" + term] += value
+                out["dropped_samples"] += dropped
+        self._check_finite(bad, cur_nimg)
+        self._finish(fake_unet, self.opt_fake, self.scaler_fake, self.clip_fake)
         fake_unet.eval()
         return out
 
-    def generator_step(self) -> dict[str, float]:
+    def generator_step(self, cur_nimg: int = 0) -> dict[str, float]:
         cfg, nets, n = self.cfg, self.nets, self.micro
         gen_unet, fake_unet = nets.generator.unet, nets.fake.unet
         fake_unet.requires_grad_(False)
         gen_unet.train().requires_grad_(True)
         self.opt_gen.zero_grad(set_to_none=True)
-        out = {"loss_gen_remain": 0.0, "loss_gen_forget": 0.0}
+        out = {"loss_gen_remain": 0.0, "loss_gen_forget": 0.0, "dropped_samples": 0}
+        bad: list[str] = []
         for _ in range(self.rounds):
             for term, weight in (("gen_remain", cfg.w_gen_remain), ("gen_forget", cfg.w_gen_forget)):
                 if term == "gen_forget" and weight == 0:
@@ -152,10 +196,11 @@ class SFDStep:
                     teacher_prompts=tp.teacher, teacher_guidance=tp.teacher_guidance,
                     teacher_negative=tp.teacher_negative, fake_prompts=tp.fake,
                     fake_guidance=tp.fake_guidance, fake_negative=tp.fake_negative)
-                loss, kept = masked_sum(per, self.per_gpu)
-                self._backward(loss, kept, weight, self.scaler_gen)
-                out["loss_" + term] += float(loss.detach())
-        self._finish(gen_unet, self.opt_gen, self.scaler_gen)
+                value, dropped = self._term(per, weight, self.scaler_gen, bad, "loss_" + term)
+                out["loss_" + term] += value
+                out["dropped_samples"] += dropped
+        self._check_finite(bad, cur_nimg)
+        self._finish(gen_unet, self.opt_gen, self.scaler_gen, self.clip_gen)
         gen_unet.eval()
         fake_unet.requires_grad_(True)
         return out
@@ -173,8 +218,10 @@ class SFDStep:
             p_ema.copy_(p.detach().lerp(p_ema, beta))
 
     def __call__(self, cur_nimg: int) -> dict[str, float]:
-        losses = self.fake_step()
-        losses.update(self.generator_step())
+        losses = self.fake_step(cur_nimg)
+        gen = self.generator_step(cur_nimg)
+        gen["dropped_samples"] += losses["dropped_samples"]
+        losses.update(gen)
         self.update_ema(cur_nimg)
         return losses
 
@@ -217,46 +264,155 @@ def _to(module, device, dtype):
     return module if dtype == torch.float32 else module.to(dtype)
 
 
-def _load_everything(cfg: TrainConfig, dist: distributed.Dist, precision: str):
+# ---------------------------------------------------------------------------------- 1. inputs
+@dataclass
+class Inputs:
+    """What ``check_inputs`` found valid, before any model is loaded or any file written."""
+    sampler: PromptSampler
+    val_prompts: list[str]
+    bare_forget: list[str]
+    resume_path: Path | None = None
+    resume_state: dict | None = None
+    changed: dict | None = None
+
+
+# Settings that may differ on --resume without changing the training itself.
+RESUME_FREE_KEYS = {"resume", "run_dir", "outdir", "desc", "duration_kimg", "tick_kimg", "snap_kimg", "state_kimg",
+                    "text_cache", "resolved", "allow_changed_settings", "grid_cols", "val_prompts", "device",
+                    "attention", "grad_checkpointing"}
+
+
+def changed_settings(old: dict, new: dict) -> dict:
+    """{key: [old, new]} for the training settings that differ (lists and tuples compare equal)."""
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return {k: [old.get(k), v] for k, v in new.items()
+            if k not in RESUME_FREE_KEYS and norm(old.get(k)) != norm(v)}
+
+
+def check_inputs(cfg: TrainConfig) -> Inputs:
+    """Every check that needs no model: options, model source, prompt files, the resume state."""
+    cfg.check()
+    reporting.check_available(cfg.report_to)
+    models.check_model_source(cfg.sd_model)
+    check_generator_init(cfg)
+    sampler, val, bare_forget = build_prompt_sampler(cfg)
+    inputs = Inputs(sampler, val, bare_forget)
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if path.is_dir():
+            found = checkpoints.latest_training_state(path)
+            if found is None:
+                raise ConfigError(f"--resume {cfg.resume!r}: no training-state-*.pt in that folder")
+            path = found
+        state = checkpoints.load_training_state(path)
+        later = [p.name for p in checkpoints.training_states(path.parent)
+                 if checkpoints.state_nimg(p) > int(state["cur_nimg"])]
+        if later:
+            raise ConfigError(f"--resume {str(path)!r}: the run dir holds later states ({', '.join(later)}); "
+                              "resume from the latest, or move the later ones away first")
+        if cfg.run_dir and Path(cfg.run_dir).resolve() != path.parent.resolve():
+            raise ConfigError("--resume continues in the state's own run dir; drop run_dir")
+        changed = changed_settings(json.loads(state["config"]), cfg.to_json())
+        if changed and not cfg.allow_changed_settings:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+            raise ConfigError(f"--resume with changed settings ({listed}); pass the run's settings again, or "
+                              "--allow-changed-settings to continue with these (the change is recorded)")
+        inputs.resume_path, inputs.resume_state, inputs.changed = path, state, changed
+    elif cfg.run_dir and checkpoints.latest_training_state(Path(cfg.run_dir)) is not None:
+        raise ConfigError(f"run_dir {cfg.run_dir!r} already holds a run; continue it with --resume "
+                          f"{cfg.run_dir!r} or choose another folder")
+    return inputs
+
+
+CONVERT_HINT = ("convert the published SiD-LSG generator once with `python SD/convert_sid_lsg.py --pkl FILE "
+                "--out DIR` and set generator_init=DIR (README: 'Generator start')")
+
+
+def generator_init_status(cfg: TrainConfig) -> str:
+    """How the generator starts, in words (dry-run and config.json)."""
+    init = cfg.generator_init
+    if init is None:
+        return "MISSING: " + CONVERT_HINT
+    if init == "teacher":
+        return "teacher (a copy of the teacher UNet; NOT the paper's setting, which starts from SiD-LSG)"
+    return f"{init} ({'found' if Path(init).is_dir() else 'NOT FOUND'})"
+
+
+def check_generator_init(cfg: TrainConfig) -> None:
+    """The paper fine-tunes a SiD-LSG one-step generator; refuse to guess another start."""
+    init = cfg.generator_init
+    if init is None:
+        raise ConfigError(f"generator_init is not set: {CONVERT_HINT}, or set generator_init=teacher to start from "
+                          "the teacher (not the paper's setting)")
+    if init == "teacher":
+        warnings.warn("generator_init=teacher: the generator starts as a copy of the teacher, not from the "
+                      "SiD-LSG one-step generator the paper fine-tunes; 100 kimg at lr 1e-6 will not make it a "
+                      "good one-step generator", stacklevel=2)
+        return
+    path = Path(init).expanduser()
+    if path.suffix in (".pkl", ".pickle"):
+        raise ConfigError(f"generator_init {init!r} is a pickle: {CONVERT_HINT}")
+    if not path.is_dir():
+        raise ConfigError(f"generator_init {init!r}: folder not found; {CONVERT_HINT}, or set "
+                          "generator_init=teacher (not the paper's setting)")
+
+
+# ---------------------------------------------------------------------------------- 2. build
+@dataclass
+class Run:
+    """One process's training: networks, optimisers, random streams, position."""
+    cfg: TrainConfig
+    dist: distributed.Dist
+    precision: str
+    nets: Nets
+    vae: torch.nn.Module
+    schedule: VPSchedule
+    latent_shape: tuple[int, ...]
+    make_denoiser: object  # unet -> GuidedDenoiser, same schedule/encoder/autocast as the others
+    opt_fake: torch.optim.Optimizer
+    opt_gen: torch.optim.Optimizer
+    scaler_fake: torch.amp.GradScaler
+    scaler_gen: torch.amp.GradScaler
+    prompt_gen: torch.Generator
+    noise_gen: torch.Generator
+    step: SFDStep | None = None
+    run_dir: Path | None = None
+    grids: GridRenderer | None = None
+    reporter: reporting.NullReporter = dataclasses.field(default_factory=reporting.NullReporter)
+    cur_nimg: int = 0
+
+    def sampling_net(self) -> GuidedDenoiser:
+        """The generator that snapshots and grids show: the EMA when there is one."""
+        ema = self.nets.ema
+        return self.make_denoiser(ema) if ema is not None else self.nets.generator
+
+    def state_dict(self) -> dict:
+        """Everything exact resume needs, as tensors and plain values (rank 0's weights)."""
+        ema = self.nets.ema
+        return dict(fake_score=self.nets.fake.unet.state_dict(), generator=self.nets.generator.unet.state_dict(),
+                    generator_ema=None if ema is None else ema.state_dict(),
+                    opt_fake=self.opt_fake.state_dict(), opt_gen=self.opt_gen.state_dict(),
+                    scaler_fake=self.scaler_fake.state_dict(), scaler_gen=self.scaler_gen.state_dict(),
+                    cur_nimg=self.cur_nimg, config=json.dumps(self.cfg.to_json()))
+
+
+def _load_everything(cfg: TrainConfig, dist: distributed.Dist):
     """SD parts, generator init; rank 0 first so a hub download happens once."""
     parts = gen_unet = None
     for turn in (0, 1):
         if (dist.rank == 0) == (turn == 0):
             parts = models.load_sd_parts(cfg.sd_model, cfg.revision)
-            gen_unet = models.load_generator_init(cfg.init_generator, parts.unet, cfg.allow_pickle)
+            gen_unet = models.load_generator_init(cfg.generator_init, parts.unet)
         dist.barrier()
     return parts, gen_unet
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run SFD training as configured; returns the run directory."""
-    cfg.check()
-    reporting.check_available(cfg.report_to)
-    models.check_model_source(cfg.sd_model)
-    sampler, val_prompts, bare_forget = build_prompt_sampler(cfg)  # fail on bad prompts before loading
-    dist = distributed.init(cfg.device)
+def build(cfg: TrainConfig, dist: distributed.Dist, precision: str) -> Run:
+    """Load the teacher, make fake score and generator (fp32 master weights), optimisers, streams."""
     device = dist.device
-    precision = resolve_precision(cfg.precision, device)
-    per_gpu, micro, rounds = cfg.batch_layout(dist.world_size)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     frozen_dtype = amp_dtype or torch.float32
-
-    resume_state = None
-    if cfg.resume:
-        path = Path(cfg.resume)
-        if path.is_dir():
-            path = checkpoints.latest_training_state(path) or path / "training-state-missing.pt"
-        resume_state = checkpoints.load_training_state(path)
-
-    run_dir = dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision)) if dist.is_main else None)
-    run_dir = Path(run_dir)
-    plan = disk.plan_for_run(cfg, int(resume_state["cur_nimg"]) if resume_state is not None else 0)
-    disk.check_free_space(run_dir, plan)  # before any model is loaded or file written
-    if dist.is_main:
-        print(plan.describe(), flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    parts, gen_unet = _load_everything(cfg, dist, precision)
+    parts, gen_unet = _load_everything(cfg, dist)
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     if cfg.resolution % vae_scale:
         raise ConfigError(f"--resolution {cfg.resolution} is not a multiple of the VAE factor {vae_scale}")
@@ -269,142 +425,219 @@ def train(cfg: TrainConfig) -> Path:
         models.configure_unet(unet, cfg.attention, cfg.grad_checkpointing)
     teacher_unet.requires_grad_(False).eval()
     text_encoder = _to(parts.text_encoder, device, frozen_dtype)
-    vae = _to(parts.vae, device, torch.float32)
     schedule = VPSchedule(parts.alphas_cumprod)
     encoder = PromptEncoder(parts.tokenizer, text_encoder, device, frozen_dtype, cfg.text_cache)
     mk = lambda u: GuidedDenoiser(u, schedule, encoder, parts.prediction_type, amp_dtype)  # noqa: E731
-    ema_unet = (copy.deepcopy(gen_unet).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None)
+    ema_unet = copy.deepcopy(gen_unet).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
     nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=ema_unet)
 
-    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    opt_fake = torch.optim.Adam(fake_unet.parameters(), lr=cfg.lr_fake, **opt_kw)
-    opt_gen = torch.optim.Adam(gen_unet.parameters(), lr=cfg.lr_gen, **opt_kw)
+    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for(precision))
     use_scaler = precision == "fp16"
-    scaler_fake = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    scaler_gen = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    prompt_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank)
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank)
+    return Run(cfg=cfg, dist=dist, precision=precision, nets=nets, vae=_to(parts.vae, device, torch.float32),
+               schedule=schedule, latent_shape=latent_shape, make_denoiser=mk,
+               opt_fake=torch.optim.Adam(fake_unet.parameters(), lr=cfg.lr_fake, **opt_kw),
+               opt_gen=torch.optim.Adam(gen_unet.parameters(), lr=cfg.lr_gen, **opt_kw),
+               scaler_fake=torch.amp.GradScaler(device.type, enabled=use_scaler),
+               scaler_gen=torch.amp.GradScaler(device.type, enabled=use_scaler),
+               prompt_gen=torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank),
+               noise_gen=torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank))
 
-    cur_nimg = 0
-    if resume_state is not None:
-        fake_unet.load_state_dict(resume_state["fake_score"])
-        gen_unet.load_state_dict(resume_state["generator"])
-        if ema_unet is not None:
-            if resume_state.get("generator_ema") is None:
-                raise ConfigError("--resume: the state has no generator EMA but --ema is on")
-            ema_unet.load_state_dict(resume_state["generator_ema"])
-        opt_fake.load_state_dict(resume_state["opt_fake"])
-        opt_gen.load_state_dict(resume_state["opt_gen"])
-        scaler_fake.load_state_dict(resume_state["scaler_fake"])
-        scaler_gen.load_state_dict(resume_state["scaler_gen"])
-        cur_nimg = int(resume_state["cur_nimg"])
-        rng = resume_state["rng"]
-        if len(rng) == dist.world_size:
-            prompt_gen.set_state(rng[dist.rank]["prompt"])
-            noise_gen.set_state(rng[dist.rank]["noise"].to(noise_gen.get_state().device))
-        else:
-            if dist.is_main:
-                print(f"note: resuming on {dist.world_size} processes from a state written by {len(rng)}; "
-                      "random streams are re-seeded, so the continuation is not bit-exact", flush=True)
-            prompt_gen.manual_seed(cfg.seed * 1_000_003 + dist.rank + cur_nimg)
-            noise_gen.manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank + cur_nimg)
 
+def restore(run: Run, state: dict) -> None:
+    """Load a training state into ``run`` (weights, Adam, scalers, this rank's random streams)."""
+    nets, dist, cfg = run.nets, run.dist, run.cfg
+    nets.fake.unet.load_state_dict(state["fake_score"])
+    nets.generator.unet.load_state_dict(state["generator"])
+    if nets.ema is not None:
+        if state.get("generator_ema") is None:
+            raise ConfigError("--resume: the state has no generator EMA but ema_halflife_kimg > 0")
+        nets.ema.load_state_dict(state["generator_ema"])
+    run.opt_fake.load_state_dict(state["opt_fake"])
+    run.opt_gen.load_state_dict(state["opt_gen"])
+    run.scaler_fake.load_state_dict(state["scaler_fake"])
+    run.scaler_gen.load_state_dict(state["scaler_gen"])
+    run.cur_nimg = int(state["cur_nimg"])
+    rng = state["rng"]
+    if len(rng) == dist.world_size:
+        run.prompt_gen.set_state(rng[dist.rank]["prompt"])
+        run.noise_gen.set_state(rng[dist.rank]["noise"].to(run.noise_gen.get_state().device))
+    else:
+        if dist.is_main:
+            print(f"note: resuming on {dist.world_size} processes from a state written by {len(rng)}; "
+                  "random streams are re-seeded, so the continuation is not bit-exact", flush=True)
+        run.prompt_gen.manual_seed(cfg.seed * 1_000_003 + dist.rank + run.cur_nimg)
+        run.noise_gen.manual_seed(cfg.seed * 1_000_003 + 7919 + dist.rank + run.cur_nimg)
+
+
+# ---------------------------------------------------------------------------------- 3. run dir
+def open_run_dir(run_dir: Path, resume_nimg: int | None) -> None:
+    """Rank 0: create the folder, take its lock, remove leftovers of a killed write, and on resume
+    drop log lines after the resumed step (they are about to be redone)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.lock_run_dir(run_dir)
+    checkpoints.remove_leftover_temps(run_dir)
+    log = run_dir / "log.jsonl"
+    if resume_nimg is not None and log.is_file():
+        lines = [x for x in log.read_text().splitlines() if x.strip()]
+        keep = [x for x in lines if json.loads(x).get("images_seen", 0) <= resume_nimg]
+        if len(keep) != len(lines):
+            checkpoints.atomic_write_bytes(log, "".join(x + "\n" for x in keep).encode())
+
+
+def record_resume(run_dir: Path, cfg: TrainConfig, nimg: int, changed: dict | None) -> None:
+    """Append this resume (and any changed settings) to the run's history in config.json."""
+    old = run_dir / "config.json"
+    history = json.loads(old.read_text()).get("resumes", []) if old.is_file() else []
+    history.append(dict(images_seen=nimg, changed_settings=changed or {}))
+    cfg.resolved["resumes"] = history
+
+
+# ---------------------------------------------------------------------------------- 4. outputs
+def log_tick(run: Run, rec: dict, bar=None) -> None:
+    """One log.jsonl line (rank 0) and the same on stdout."""
+    if not run.dist.is_main:
+        return
+    with open(run.run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    write = bar.write if bar is not None else print
+    write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "time"))
+    if bar is not None:
+        bar.set_postfix({k.removeprefix("loss_"): f"{rec[k]:.4g}" for k in LOSS_NAMES})
+    run.reporter.scalars(rec, rec["images_seen"])
+
+
+def write_snapshot(run: Run, nimg: int) -> None:
+    """Generator (EMA if on) as a diffusers folder, plus grids (rank 0)."""
+    if not run.dist.is_main:
+        return
+    cfg = run.cfg
+    net = run.nets.ema if run.nets.ema is not None else run.nets.generator.unet
+    info = dict(t_init=cfg.t_init, sd_model=cfg.sd_model, revision=cfg.revision, images_seen=nimg,
+                alpha=cfg.alpha, ema=run.nets.ema is not None, resolution=cfg.resolution)
+    checkpoints.save_generator_snapshot(net, run.run_dir / f"network-snapshot-{nimg:09d}", info)
+    run.reporter.images(run.grids.render(run.sampling_net(), run.run_dir, nimg), nimg)
+
+
+def write_state(run: Run, nimg: int) -> None:
+    """The exact-resume state (every rank's random streams; rank 0 writes); older states rotated."""
+    dist, cfg = run.dist, run.cfg
+    rng = dist.gather_objects({"prompt": run.prompt_gen.get_state(), "noise": run.noise_gen.get_state().cpu()})
+    # Ranks must hold identical weights (gradients are averaged); catch any divergence here.
+    sums = dist.gather_objects([float(sum(p.detach().double().sum() for p in m.parameters()))
+                                for m in (run.nets.fake.unet, run.nets.generator.unet)])
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"weights differ across ranks: {sums}")
+    if dist.is_main:
+        checkpoints.atomic_torch_save(dict(run.state_dict(), cur_nimg=nimg, rng=rng),
+                                      run.run_dir / f"training-state-{nimg:09d}.pt")
+        disk.rotate_states(run.run_dir, cfg.keep_states)  # after the new one is complete
+
+
+# ---------------------------------------------------------------------------------- 5. loop
+def train(cfg: TrainConfig) -> Path:
+    """Run SFD training as configured; returns the run directory. The run dir's lock is held until
+    this returns or fails (or the process dies)."""
+    try:
+        return _train(cfg)
+    finally:
+        checkpoints.release_run_locks()
+
+
+def _train(cfg: TrainConfig) -> Path:
+    inputs = check_inputs(cfg)  # fails on bad options, prompts or resume state before loading anything
+    dist = distributed.init(cfg.device)
+    precision = resolve_precision(cfg.precision, dist.device)
+    per_gpu, micro, rounds = cfg.batch_layout(dist.world_size)
+    if inputs.resume_state is not None:
+        run_dir = inputs.resume_path.parent
+    else:
+        run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision))
+                                             if dist.is_main else None))
+    if dist.is_main and run_dir.is_dir():
+        checkpoints.lock_run_dir(run_dir)  # a second writer stops here, before loading any model
+    # The disk plan comes from the UNet config alone, so a full disk is refused before any model loads.
+    plan = disk.plan_for_run(cfg, int(inputs.resume_state["cur_nimg"]) if inputs.resume_state is not None else 0)
+    disk.check_free_space(run_dir, plan)
+    run = build(cfg, dist, precision)
+    if inputs.resume_state is not None:
+        restore(run, inputs.resume_state)
+    run.run_dir = run_dir
     guidance = guidance_settings(cfg)
-    step = SFDStep(cfg, nets, sampler, guidance, dist, opt_fake, opt_gen, scaler_fake, scaler_gen,
-                   prompt_gen, noise_gen, latent_shape)
+    run.step = SFDStep(cfg, run.nets, inputs.sampler, guidance, dist, run.opt_fake, run.opt_gen,
+                       run.scaler_fake, run.scaler_gen, run.prompt_gen, run.noise_gen, run.latent_shape, precision)
+    cfg.resolved = dict(run_dir=str(run_dir), world_size=dist.world_size, precision=precision,
+                        per_gpu_batch=per_gpu, micro_batch=micro, accumulation_rounds=rounds,
+                        latent_shape=list(run.latent_shape), prompt_dropout_active=guidance.dropout_active,
+                        sigma_t_init=run.schedule.sigma(cfg.t_init), forget_pairs=len(inputs.sampler.pairs),
+                        remain_prompts=len(inputs.sampler.remain), resumed_from_nimg=run.cur_nimg,
+                        device=str(dist.device), adam_eps=cfg.adam_eps_for(precision),
+                        fake_grad_clip_value=run.step.clip_fake, generator_grad_clip_value=run.step.clip_gen,
+                        generator_init=generator_init_status(cfg))
+    if dist.is_main:  # the folder is created only now that every input proved valid
+        print(plan.describe(), flush=True)
+        run.grids = GridRenderer({"train": inputs.bare_forget[:4] + inputs.sampler.remain[:2],
+                                  "val": inputs.val_prompts[:8]},
+                                 cfg.grid_cols, run.latent_shape, cfg.t_init, run.vae, dist.device)
+        open_run_dir(run_dir, run.cur_nimg if inputs.resume_state is not None else None)
+        if inputs.resume_state is not None:
+            record_resume(run_dir, cfg, run.cur_nimg, inputs.changed)
+            if inputs.changed:
+                print(f"warning: resuming with changed settings {inputs.changed} (recorded in config.json)",
+                      flush=True)
+        checkpoints.atomic_write_json(run_dir / "config.json", cfg.to_json())
+        checkpoints.atomic_write_json(run_dir / "grid-prompts.json", run.grids.rows)
+        print(f"SFD run dir: {run_dir}  ({dist.world_size} process(es), {precision}, "
+              f"batch {cfg.batch} = {dist.world_size} x {rounds} x {micro})", flush=True)
+    run.reporter = reporting.make_reporter(cfg.report_to, run_dir, dist.is_main)
+    if dist.is_main and inputs.resume_state is None:
+        run.reporter.images(run.grids.render(run.sampling_net(), run_dir, 0), 0)
+    dist.barrier()
+    loop(run)
+    return run_dir
+
+
+def loop(run: Run) -> None:
+    """Iterations until the duration, with log ticks, snapshots and states on their schedules."""
+    cfg, dist = run.cfg, run.dist
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)
     total_img = max(int(round(cfg.duration_kimg * 1000)), 1)
     tick_img, snap_img, state_img = (max(int(round(k * 1000)), 1)
                                      for k in (cfg.tick_kimg, cfg.snap_kimg, cfg.state_kimg))
-
-    cfg.resolved = dict(run_dir=str(run_dir), world_size=dist.world_size, precision=precision,
-                        per_gpu_batch=per_gpu, micro_batch=micro, accumulation_rounds=rounds,
-                        latent_shape=list(latent_shape), prompt_dropout_active=guidance.dropout_active,
-                        sigma_t_init=schedule.sigma(cfg.t_init), forget_pairs=len(sampler.pairs),
-                        remain_prompts=len(sampler.remain), resumed_from_nimg=cur_nimg,
-                        device=str(device))
-    grids = GridRenderer({"train": bare_forget[:4] + sampler.remain[:2], "val": val_prompts[:8]},
-                         cfg.grid_cols, latent_shape, cfg.t_init, vae, device) if dist.is_main else None
-
-    def sample_net() -> GuidedDenoiser:
-        return mk(ema_unet) if ema_unet is not None else nets.generator
-
-    def snapshot(nimg: int) -> None:
-        if not dist.is_main:
-            return
-        net = ema_unet if ema_unet is not None else gen_unet
-        info = dict(t_init=cfg.t_init, sd_model=cfg.sd_model, revision=cfg.revision, images_seen=nimg,
-                    alpha=cfg.alpha, ema=ema_unet is not None, resolution=cfg.resolution)
-        checkpoints.save_generator_snapshot(net, run_dir / f"network-snapshot-{nimg:09d}", info)
-        reporter.images(grids.render(sample_net(), run_dir, nimg), nimg)
-
-    def save_state(nimg: int) -> None:
-        rng = dist.gather_objects({"prompt": prompt_gen.get_state(), "noise": noise_gen.get_state().cpu()})
-        # Ranks must hold identical weights (gradients are averaged); catch any divergence here.
-        sums = dist.gather_objects([float(sum(p.detach().double().sum() for p in m.parameters()))
-                                    for m in (fake_unet, gen_unet)])
-        if any(s != sums[0] for s in sums):
-            raise RuntimeError(f"weights differ across ranks: {sums}")
-        if not dist.is_main:
-            return
-        state = dict(fake_score=fake_unet.state_dict(), generator=gen_unet.state_dict(),
-                     generator_ema=None if ema_unet is None else ema_unet.state_dict(),
-                     opt_fake=opt_fake.state_dict(), opt_gen=opt_gen.state_dict(),
-                     scaler_fake=scaler_fake.state_dict(), scaler_gen=scaler_gen.state_dict(),
-                     cur_nimg=nimg, rng=rng, config=json.dumps(cfg.to_json()))
-        checkpoints.atomic_torch_save(state, run_dir / f"training-state-{nimg:09d}.pt")
-        disk.rotate_states(run_dir, cfg.keep_states)  # after the new one is complete
-
-    if dist.is_main:
-        checkpoints.atomic_write_json(run_dir / "config.json", cfg.to_json())
-        checkpoints.atomic_write_json(run_dir / "grid-prompts.json", grids.rows)
-        print(f"SFD run dir: {run_dir}  ({dist.world_size} process(es), {precision}, "
-              f"batch {cfg.batch} = {dist.world_size} x {rounds} x {micro})", flush=True)
-    reporter = reporting.make_reporter(cfg.report_to, run_dir, dist.is_main)
-    if dist.is_main and resume_state is None:
-        reporter.images(grids.render(sample_net(), run_dir, 0), 0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    acc = {k: 0.0 for k in LOSS_NAMES}
-    acc_iters, tick_start, tick_nimg = 0, time.time(), cur_nimg
-    start_nimg = cur_nimg
-    bar = tqdm(total=total_img, initial=cur_nimg, disable=not dist.is_main, desc="SFD", unit="img",
+    acc = {k: 0.0 for k in (*LOSS_NAMES, "dropped_samples")}
+    acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
+    start_nimg = run.cur_nimg
+    bar = tqdm(total=total_img, initial=run.cur_nimg, disable=not dist.is_main, desc="SFD", unit="img",
                dynamic_ncols=True)
-    while cur_nimg < total_img:
-        losses = step(cur_nimg)
-        bar.update(cfg.batch)
-        prev, cur_nimg = cur_nimg, cur_nimg + cfg.batch
-        for k in LOSS_NAMES:
-            acc[k] += losses[k]
-        acc_iters += 1
-        done = cur_nimg >= total_img
-        if _crossed(prev, cur_nimg, tick_img) or done:
-            vals = torch.tensor([acc[k] / acc_iters for k in LOSS_NAMES], dtype=torch.float64)
-            dist.mean_(vals)
-            elapsed = time.time() - tick_start
-            rec = dict(images_seen=cur_nimg, kimg=cur_nimg / 1000,
-                       **{k: float(v) for k, v in zip(LOSS_NAMES, vals)},
-                       images_per_sec=(cur_nimg - tick_nimg) / max(elapsed, 1e-9),
-                       sec_per_iter=elapsed / acc_iters, peak_memory_gb=_peak_memory_gb(device),
-                       time=time.time())
-            if dist.is_main:
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                   for k, v in rec.items() if k != "time"))
-                bar.set_postfix({k.removeprefix("loss_"): f"{rec[k]:.4g}" for k in LOSS_NAMES})
-                reporter.scalars(rec, cur_nimg)
-            if any(not math.isfinite(v) for v in vals.tolist()):
-                print("warning: non-finite mean loss in this tick (NaN samples were dropped)", flush=True)
-            acc = {k: 0.0 for k in LOSS_NAMES}
-            acc_iters, tick_start, tick_nimg = 0, time.time(), cur_nimg
-        if _crossed(prev, cur_nimg, snap_img) or done:
-            snapshot(cur_nimg)
-        if _crossed(prev, cur_nimg, state_img) or done:
-            save_state(cur_nimg)
-        dist.barrier()
-    bar.close()
-    reporter.close()
-    if dist.is_main and cur_nimg == start_nimg:
-        print(f"nothing to do: {cur_nimg} images seen already >= duration {total_img}", flush=True)
-    return run_dir
+    try:
+        while run.cur_nimg < total_img:
+            losses = run.step(run.cur_nimg)
+            bar.update(cfg.batch)
+            prev, run.cur_nimg = run.cur_nimg, run.cur_nimg + cfg.batch
+            for k in acc:
+                acc[k] += losses[k]
+            acc_iters += 1
+            done = run.cur_nimg >= total_img
+            if _crossed(prev, run.cur_nimg, tick_img) or done:
+                vals = torch.tensor([acc[k] / acc_iters for k in LOSS_NAMES] + [acc["dropped_samples"]],
+                                    dtype=torch.float64)
+                dist.mean_(vals)
+                elapsed = time.time() - tick_start
+                log_tick(run, dict(images_seen=run.cur_nimg, kimg=run.cur_nimg / 1000,
+                                   **{k: float(v) for k, v in zip(LOSS_NAMES, vals)},
+                                   dropped_samples=int(round(float(vals[-1]) * dist.world_size)),
+                                   images_per_sec=(run.cur_nimg - tick_nimg) / max(elapsed, 1e-9),
+                                   sec_per_iter=elapsed / acc_iters, peak_memory_gb=_peak_memory_gb(dist.device),
+                                   time=time.time()), bar)
+                acc = dict.fromkeys(acc, 0.0)
+                acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
+            if _crossed(prev, run.cur_nimg, snap_img) or done:
+                write_snapshot(run, run.cur_nimg)
+            if _crossed(prev, run.cur_nimg, state_img) or done:
+                write_state(run, run.cur_nimg)
+            dist.barrier()
+    finally:  # also on NonFiniteLoss, so the bar's last output comes before the error
+        bar.close()
+        run.reporter.close()
+    if dist.is_main and run.cur_nimg == start_nimg:
+        print(f"nothing to do: {run.cur_nimg} images seen already >= duration {total_img}", flush=True)

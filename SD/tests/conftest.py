@@ -43,3 +43,17 @@ def run_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(SD_DIR), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def converted_generator(tmp_path_factory) -> Path:
+    """A tiny 'SiD-LSG' generator: pickled as the release is ({'ema': UNet}), then converted."""
+    import pickle
+
+    from sfd_sd.sid_lsg import convert
+    from tiny_sd import tiny_unet
+
+    root = tmp_path_factory.mktemp("sid-lsg")
+    with open(root / "sid_lsg.pkl", "wb") as f:
+        pickle.dump({"ema": tiny_unet(seed=7)}, f)
+    return convert(root / "sid_lsg.pkl", root / "converted")

@@ -13,7 +13,7 @@ from test_train import base_args
 def invoke(args, env=None):
     from train import main
 
-    return CliRunner().invoke(main, args, env=env)
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 def tensors(obj):
@@ -38,9 +38,9 @@ def states(run):
 
 
 def test_rotation_keeps_the_last_k_and_resume_from_the_newest_is_exact(tiny_sd_dir, tmp_path):
-    sched = ["--tick", "0.002", "--snap", "0.004", "--state", "0.002", "--seed", "5"]
+    sched = ["tick_kimg=0.002", "snap_kimg=0.004", "state_kimg=0.002", "seed=5"]
     # Five states (2, 4, 6, 8, 10 images) are written; the default keeps the last two.
-    res = invoke(base_args(tiny_sd_dir, tmp_path / "a", "--duration", "0.010", *sched))
+    res = invoke(base_args(tiny_sd_dir, tmp_path / "a", "duration_kimg=0.010", *sched))
     assert res.exit_code == 0, res.output
     run_a = next((tmp_path / "a").glob("00000-*"))
     assert states(run_a) == ["training-state-000000008.pt", "training-state-000000010.pt"]
@@ -61,14 +61,14 @@ def test_rotation_keeps_the_last_k_and_resume_from_the_newest_is_exact(tiny_sd_d
     assert needed == pytest.approx(3 * one_state + 3 * one_snap, rel=0.01)  # K + 1 states at once at most
 
     # Resume from the run dir (its newest state, 10) to 14 == a straight run to 14.
-    res = invoke(base_args(tiny_sd_dir, tmp_path / "a", "--duration", "0.014", "--resume", str(run_a), *sched))
+    res = invoke(base_args(tiny_sd_dir, tmp_path / "a", "duration_kimg=0.014", "--resume", str(run_a), *sched))
     assert res.exit_code == 0, res.output
-    run_a2 = next((tmp_path / "a").glob("00001-*"))
+    run_a2 = run_a  # resume continues in the run's own dir
     assert states(run_a2) == ["training-state-000000012.pt", "training-state-000000014.pt"]
-    res = invoke(base_args(tiny_sd_dir, tmp_path / "b", "--duration", "0.014", "--keep-states", "0", *sched))
+    res = invoke(base_args(tiny_sd_dir, tmp_path / "b", "duration_kimg=0.014", "keep_states=0", *sched))
     assert res.exit_code == 0, res.output
     run_b = next((tmp_path / "b").glob("00000-*"))
-    assert len(states(run_b)) == 7  # --keep-states 0 keeps every state
+    assert len(states(run_b)) == 7  # keep_states=0 keeps every state
     a = torch.load(run_a2 / "training-state-000000014.pt", weights_only=True)
     b = torch.load(run_b / "training-state-000000014.pt", weights_only=True)
     for key in ("fake_score", "generator", "opt_fake", "opt_gen"):
@@ -81,7 +81,7 @@ def test_too_little_free_space_refuses_before_writing(tiny_sd_dir, tmp_path, mon
 
     monkeypatch.setattr("sfd_sd.models.load_sd_parts", no_loading)
     out = tmp_path / "runs"
-    res = invoke(base_args(tiny_sd_dir, out, "--duration", "0.002"), env={"SFD_FAKE_FREE_BYTES": "1000000"})
+    res = invoke(base_args(tiny_sd_dir, out, "duration_kimg=0.002"), env={"SFD_FAKE_FREE_BYTES": "1000000"})
     assert res.exit_code != 0
     assert "not enough free disk" in res.output and "two training states need" in res.output, res.output
     assert not out.exists()  # nothing written, not even the run dir

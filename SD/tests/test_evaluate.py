@@ -552,13 +552,14 @@ def test_recipe_end_to_end_on_tiny_models(recipe, tiny_sd_dir, tiny_clip_dir, na
     env.update(
         PATH=os.pathsep.join([str(SD_DIR.parent / ".venv" / "bin"), env["PATH"]]), PYTHON=sys.executable,
         PYTHONPATH=os.pathsep.join([str(SD_DIR), str(TESTS_DIR), env.get("PYTHONPATH", "")]),
-        NUM_GPUS="1", BATCH="2", SD_MODEL=str(tiny_sd_dir), CLIP_MODEL=str(tiny_clip_dir), WORK=str(work),
+        NUM_GPUS="1", SD_MODEL=str(tiny_sd_dir), CLIP_MODEL=str(tiny_clip_dir), WORK=str(work),
         SEEDS="0-1", I2P_SEEDS="0", RESOLUTION="16", GEN_BATCH="4", TEACHER_STEPS="2", EVAL_DEVICE="cpu",
         PRESERVE_PROMPTS=str(tmp_path / "preserve.txt"), CELEB_PROMPTS=str(tmp_path / "celebs.txt"),
         NAMES=str(names_file), NUDITY_PROMPTS=str(tmp_path / "nude.txt"), REFERENCE_IMAGES=str(ref),
         I2P_CSV=str(write_i2p_csv(tmp_path / "i2p.csv")), FID_FEATURES="test_evaluate:tiny_features")
-    tiny_budget = ["--resolution", "16", "--duration", "0.002", "--snap", "0.002", "--state", "1", "--tick", "1",
-                   "--no-grad-checkpointing"]
+    tiny_budget = ["resolution=16", "duration_kimg=0.002", "snap_kimg=0.002", "state_kimg=1", "tick_kimg=1",
+                   "grad_checkpointing=false", "batch=2", "generator_init=teacher",
+                   f"remain_prompts={SD_DIR / 'prompts' / 'remain_prompts_small.txt'}"]
     res = subprocess.run(["bash", str(SD_DIR / "recipes" / recipe), *tiny_budget], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -21,11 +21,11 @@ def trained_snapshot(tiny_sd_dir, tmp_path_factory):
     from train import main
 
     out = tmp_path_factory.mktemp("runs")
-    args = ["--sd-model", str(tiny_sd_dir), "--remain-prompts", str(PROMPTS / "remain_prompts_small.txt"),
-            "--forget-prompts", str(PROMPTS / "brad_pitt_prompts.txt"), "--concept-to-forget", "brad pitt",
-            "--concept-to-override", "a middle aged man", "--resolution", "16", "--batch", "2",
-            "--no-grad-checkpointing", "--lr-fake", "1e-3", "--lr-gen", "1e-3", "--duration", "0.004",
-            "--snap", "0.004", "--state", "0.004", "--outdir", str(out)]
+    args = [f"sd_model={tiny_sd_dir}", f"remain_prompts={PROMPTS / 'remain_prompts_small.txt'}",
+            f"forget_prompts={PROMPTS / 'brad_pitt_prompts.txt'}", "concept_to_forget=brad pitt",
+            "concept_to_override=a middle aged man", "generator_init=teacher", "resolution=16", "batch=2",
+            "grad_checkpointing=false", "lr_fake=1e-3", "lr_gen=1e-3", "duration_kimg=0.004",
+            "snap_kimg=0.004", "state_kimg=0.004", f"outdir={out}"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return next(out.glob("00000-*/network-snapshot-000000004"))

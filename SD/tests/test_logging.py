@@ -18,15 +18,15 @@ VAL = str(SD_DIR / "prompts" / "brad_pitt_prompts_val.txt")
 def invoke(args):
     from train import main
 
-    return CliRunner().invoke(main, args)
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_tensorboard_event_files_hold_the_log_and_the_grids(tiny_sd_dir, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    res = invoke(base_args(tiny_sd_dir, tmp_path, "--duration", "0.004", "--tick", "0.002", "--snap", "0.004",
-                           "--val-prompts", VAL, "--report-to", "tensorboard"))
+    res = invoke(base_args(tiny_sd_dir, tmp_path, "duration_kimg=0.004", "tick_kimg=0.002", "snap_kimg=0.004",
+                           f"val_prompts={VAL}", "report_to=tensorboard"))
     assert res.exit_code == 0, res.output
     run = next(tmp_path.glob("00000-*"))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -49,12 +49,12 @@ def test_tensorboard_event_files_hold_the_log_and_the_grids(tiny_sd_dir, tmp_pat
 
 def test_tensorboard_missing_fails_before_any_work(tiny_sd_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    res = invoke(base_args(tiny_sd_dir, tmp_path / "runs", "--duration", "0.002", "--report-to", "tensorboard"))
+    res = invoke(base_args(tiny_sd_dir, tmp_path / "runs", "duration_kimg=0.002", "report_to=tensorboard"))
     assert res.exit_code != 0 and "pip install tensorboard" in res.output, res.output
     assert not (tmp_path / "runs").exists()
 
 
 def test_progress_bar_counts_images(tiny_sd_dir, tmp_path):
-    res = invoke(base_args(tiny_sd_dir, tmp_path, "--duration", "0.004", "--tick", "0.004", "--snap", "0.004"))
+    res = invoke(base_args(tiny_sd_dir, tmp_path, "duration_kimg=0.004", "tick_kimg=0.004", "snap_kimg=0.004"))
     assert res.exit_code == 0, res.output
     assert "SFD: 100%" in res.output and "4/4" in res.output, res.output

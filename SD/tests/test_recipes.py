@@ -1,4 +1,4 @@
-"""The shell recipes resolve to the SPEC's SD defaults (dry run through torchrun, one process)."""
+"""The configs carry the paper's settings; the thin recipes run them end to end on the tiny SD models."""
 from __future__ import annotations
 
 import json
@@ -6,20 +6,80 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import SD_DIR, run_env
 
+CONFIGS = {  # config -> (recipe, extra env, forget pairs, override prompt of the first forget prompt)
+    "celebrity_brad_pitt.yaml": ("celebrity.sh", {}, 55, "a middle aged man"),
+    "celebrity_angelina_jolie.yaml": ("celebrity.sh", {"CELEB": "angelina_jolie"}, 55, "a middle aged woman"),
+    "nudity.yaml": ("nudity.sh", {}, 12, "Boy"),
+}
 
-@pytest.mark.parametrize("recipe, forget_pairs, override", [
-    ("celebrity.sh", 55, "a middle aged man"), ("nudity.sh", 12, "Boy")])
-def test_recipe_dry_run(recipe, forget_pairs, override):
+
+def recipe(name, env_extra, *args, cwd=None):
     env = run_env()
-    env.update(NUM_GPUS="1", PATH=os.pathsep.join([str(SD_DIR.parent / ".venv" / "bin"), env["PATH"]]))
-    res = subprocess.run(["bash", str(SD_DIR / "recipes" / recipe), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    env.update(NUM_GPUS="1", PATH=os.pathsep.join([str(SD_DIR.parent / ".venv" / "bin"), env["PATH"]]), **env_extra)
+    return subprocess.run(["bash", str(SD_DIR / "recipes" / name), *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_config_dry_run_prints_the_papers_settings(config, tmp_path):
+    """Through the recipe (torchrun, one process), from another directory; nothing loaded or written."""
+    name, env, _, _ = CONFIGS[config]
+    res = recipe(name, env, "--dry-run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     cfg = json.loads(res.stdout[res.stdout.index("{"):])
-    assert (cfg["batch"], cfg["batch_gpu"], cfg["lr_fake"], cfg["lr_gen"], cfg["t_init"]) == (8, 8, 3e-6, 1e-6, 625)
+    assert cfg["generator_init"] == str(SD_DIR / "checkpoints" / "sid-lsg-sd15-cfg4.5-t625")
+    assert cfg["sd_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (cfg["lr_fake"], cfg["lr_gen"], cfg["t_init"], cfg["t_min"], cfg["t_max"], cfg["alpha"]) == \
+        (3e-6, 1e-6, 625, 20, 980, 1.0)
     assert cfg["kappa_fake_train"] == cfg["kappa_fake_eval"] == cfg["kappa_teacher"] == 4.5
-    assert cfg["resolved"]["forget_pairs"] == forget_pairs
-    assert cfg["resolved"]["example_pair"][1].startswith(override)
+    assert (cfg["batch"], cfg["duration_kimg"], cfg["ema_halflife_kimg"]) == (8, 100.0, 0.0)
+    assert cfg["w_fake_remain"] == cfg["w_fake_forget"] == cfg["w_gen_remain"] == cfg["w_gen_forget"] == 1.0
+    assert cfg["remain_prompts"] == str(SD_DIR / "data" / "laion_aesthetics_6plus.txt")
+    assert "prepare_remain_prompts.py" in cfg["resolved"]["prompts"]  # not built yet: said, not guessed
+    assert "NOT FOUND" in cfg["resolved"]["generator_init"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_config_refuses_to_run_without_the_generator_start(tmp_path):
+    res = recipe("celebrity.sh", {}, cwd=tmp_path)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert "generator_init" in last and "convert_sid_lsg.py" in last and "generator_init=teacher" in last, last
+    assert not list(tmp_path.iterdir())
+
+
+def test_configs_hold_only_known_keys_and_agree():
+    from sfd_sd.config import load_config
+
+    loaded = {c: yaml.safe_load((SD_DIR / "configs" / c).read_text()) for c in CONFIGS}
+    for c in CONFIGS:
+        load_config(SD_DIR / "configs" / c)  # unknown keys or bad types would raise
+    shared = set.intersection(*(set(d) for d in loaded.values()))
+    method_keys = {k for k in shared if k not in ("desc", "outdir", "forget_prompts", "val_prompts",
+                                                  "concept_to_forget", "concept_to_override")}
+    for k in method_keys:  # the method settings are the same in every config
+        assert len({json.dumps(d[k]) for d in loaded.values()}) == 1, k
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_recipe_runs_end_to_end_on_tiny_models(config, tiny_sd_dir, converted_generator, tmp_path):
+    """The paper's config through its recipe with a tiny teacher and a converted tiny SiD-LSG start;
+    relative paths in the arguments resolve against the caller's directory."""
+    name, env, pairs, _ = CONFIGS[config]
+    (tmp_path / "remain.txt").write_text("a photo of a cat\na dog in a park\n")
+    res = recipe(name, env, f"sd_model={tiny_sd_dir}", f"generator_init={converted_generator}",
+                 "remain_prompts=remain.txt", "outdir=runs", "resolution=16", "batch=2", "duration_kimg=0.002",
+                 "tick_kimg=0.002", "snap_kimg=0.002", "state_kimg=0.002", "grad_checkpointing=false", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = next((tmp_path / "runs").glob("00000-*"))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["remain_prompts"] == str(tmp_path / "remain.txt") and cfg["resolved"]["remain_prompts"] == 2
+    assert cfg["resolved"]["forget_pairs"] == pairs and cfg["kappa_teacher"] == 4.5
+    assert (run / "network-snapshot-000000002" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run / "training-state-000000002.pt").is_file()
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["images_seen"] for r in log] == [2]

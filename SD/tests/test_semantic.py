@@ -86,7 +86,7 @@ def run_sfd(setup, forget_weight: float):
     ema = copy.deepcopy(gen).requires_grad_(False)
     mk = lambda net: GuidedDenoiser(net, setup["schedule"], setup["encoder"])  # noqa: E731
     nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema)
-    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for("fp32"))
     opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, **opt_kw)
     opt_gen = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, **opt_kw)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
