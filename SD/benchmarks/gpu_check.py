@@ -126,14 +126,15 @@ def build_step(unet_config: dict, resolution: int, batch_gpu: int, grad_ckpt: bo
         return GuidedDenoiser(u, schedule, encoder, "epsilon", amp_dtype)
 
     nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=None)
-    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+    opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for(precision))
     opt_fake = torch.optim.Adam(fake_unet.parameters(), lr=cfg.lr_fake, **opt_kw)
     opt_gen = torch.optim.Adam(gen_unet.parameters(), lr=cfg.lr_gen, **opt_kw)
     scalers = [torch.amp.GradScaler(device.type, enabled=False) for _ in range(2)]
     latent = resolution // 8  # SD's VAE downsamples by 8
     step = SFDStep(cfg, nets, sampler, guidance_settings(cfg), Dist(device=device), opt_fake, opt_gen, *scalers,
                    torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed + 1),
-                   (unet_config["in_channels"], latent, latent))
+                   (unet_config["in_channels"], latent, latent), precision)
     return step, sum(p.numel() for p in gen_unet.parameters())
 
 
