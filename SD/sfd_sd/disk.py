@@ -70,12 +70,12 @@ def unet_parameters(sd_model: str, revision: str | None) -> int:
     """Parameter count of the model's UNet from its config alone (built on the meta device: no weights)."""
     from diffusers import UNet2DConditionModel
 
-    from .models import ModelLoadError
+    from .models import load_error
 
     try:
         config = UNet2DConditionModel.load_config(sd_model, subfolder="unet", revision=revision)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not read the UNet config of {sd_model!r}: {exc}") from exc
+        raise load_error("the UNet config", sd_model, revision, exc) from exc
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     return sum(p.numel() for p in unet.parameters())

@@ -53,6 +53,14 @@ def check_model_source(sd_model: str) -> None:
         raise ModelLoadError(f"--sd-model {sd_model!r}: local folder not found")
 
 
+def load_error(what: str, sd_model: str, revision: str | None, exc: Exception) -> ModelLoadError:
+    """The message for a model that neither a local folder nor the hub provided (names both)."""
+    where = ("" if Path(sd_model).expanduser().exists() else
+             f"there is no local folder {str(Path(sd_model).expanduser().resolve())!r}, and as a hub id: ")
+    return ModelLoadError(f"could not load {what} from {sd_model!r} (revision {revision!r}): "
+                          f"{where}{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
                   load_vae: bool = True, load_unet: bool = True) -> SDParts:
     """Tokenizer, text encoder, VAE, UNet and noise schedule of an SD v1-style model (fp32, CPU)."""
@@ -69,10 +77,7 @@ def load_sd_parts(sd_model: str = DEFAULT_SD_MODEL, revision: str | None = None,
         # Only the betas matter here; SD v1.5 ships a PNDM config, which DDPMScheduler accepts.
         sched_cfg = DDPMScheduler.load_config(sd_model, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
-        where = ("" if Path(sd_model).expanduser().exists() else
-                 f"there is no local folder {str(Path(sd_model).expanduser().resolve())!r}, and as a hub id: ")
-        raise ModelLoadError(f"could not load Stable Diffusion parts from {sd_model!r} (revision {revision!r}): "
-                             f"{where}{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise load_error("Stable Diffusion parts", sd_model, revision, exc) from exc
     scheduler = DDPMScheduler.from_config(sched_cfg)
     for name, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
         if module is not None:
