@@ -14,7 +14,10 @@
 #   REF_PER_CLASS     real reference images per kept class (empty = all training images)
 #   DDPM_SAMPLER      multi-step sampler of the DDPM rows: ddpm (1000 steps, the paper) or ddim  [ddpm]
 #   DDPM_STEPS        DDIM steps when DDPM_SAMPLER=ddim                                    [100]
-#   GUIDANCE          classifier-free guidance of the baselines' samples (SPEC 7: ESD/SalUn 2)  [2]
+#   GUIDANCE          classifier-free guidance w of the guided variant of every multi-step row, and of
+#                     the labelled guided-SFD row (scripts/sfd_guided.sh) (SPEC 7: ESD/SalUn w = 2)  [2]
+#   GUIDED            1 = every multi-step row (pretrained, Retrain, SA, SalUn, ESD) is sampled twice, the
+#                     same protocol for all: ROW unguided (w = 0) and ROW_guided (w = $GUIDANCE); 0 = ROW only [1]
 #   FID_FEATURES      inception (the paper's FID) or classifier (features of $CLASSIFIER) [inception]
 #   INCEPTION_WEIGHTS local FID Inception weights for offline use (optional)
 #   EDM_TEACHER       EDM rows: EDM network (convert_edm.py of NVIDIA's edm-cifar10-32x32-cond-vp.pkl,
@@ -37,6 +40,7 @@ REF_PER_CLASS=${REF_PER_CLASS:-}
 DDPM_SAMPLER=${DDPM_SAMPLER:-ddpm}
 DDPM_STEPS=${DDPM_STEPS:-100}
 GUIDANCE=${GUIDANCE:-2}
+GUIDED=${GUIDED:-1}
 FID_FEATURES=${FID_FEATURES:-inception}
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
 EDM_TEACHER=${EDM_TEACHER:-}
@@ -119,10 +123,29 @@ sample_and_evaluate() {  # sample_and_evaluate ROW CKPT SAMPLE_ARGS...: images, 
     "$PYTHON" evaluate.py fid --images "$OUT/$row/samples" --ref "$REF" --exclude "$FORGET" \
         --out "$OUT/$row/fid.json" --no-progress "${fid_args[@]}"
     if [ "$ATTACKS" = 1 ]; then
+        # the attack draws images the way this row samples: same guidance (one-step rows ignore it)
+        local guidance
+        guidance=$(sampling_guidance "$@")
         "$PYTHON" evaluate.py attack --ckpt "$ckpt" --classifier "$CLASSIFIER" --forget "$FORGET" \
-            --out "$OUT/$row/attack.json" "${ATTACK_ARGS[@]}"
+            --out "$OUT/$row/attack.json" ${guidance:+--guidance "$guidance"} "${ATTACK_ARGS[@]}"
     fi
     echo "$row: $OUT/$row/ua.json $OUT/$row/fid.json"
+}
+
+sampling_guidance() {  # sampling_guidance SAMPLE_ARGS...: the value given to --guidance, if any
+    while [ $# -gt 0 ]; do
+        if [ "$1" = --guidance ]; then echo "$2"; return; fi
+        shift
+    done
+}
+
+evaluate_multistep() {  # evaluate_multistep ROW CKPT: the multi-step protocol of every table (see GUIDED)
+    # shellcheck disable=SC2046
+    sample_and_evaluate "$1" "$2" $(ddpm_sampler_args) --guidance 0
+    if [ "$GUIDED" = 1 ]; then
+        # shellcheck disable=SC2046
+        sample_and_evaluate "$1_guided" "$2" $(ddpm_sampler_args) --guidance "$GUIDANCE"
+    fi
 }
 
 ddpm_sampler_args() {

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Row "ESD": negative guidance against a frozen copy (configs/${DATASET}_esd.yaml: eta 7.5, 10k
-# iterations), sampled with guidance $GUIDANCE (SPEC 7: w = 2, FID 12.68).
+# iterations), rows esd (w = 0) and esd_guided (w = $GUIDANCE; SPEC 7: w = 2, FID 12.68).
 # Real scale: NUM_GPUS=1 TEACHER=... bash scripts/esd.sh. Variables: see scripts/common.sh.
 source "$(dirname "$0")/common.sh"
 ensure_teacher
 train_method esd "${DATASET}_esd.yaml" "baseline.init=$TEACHER" "baseline.forget=[$FORGET]"
-# shellcheck disable=SC2046
-sample_and_evaluate esd "$CKPT" $(ddpm_sampler_args) --guidance "$GUIDANCE"
+evaluate_multistep esd "$CKPT"

@@ -220,28 +220,51 @@ def assert_table_matches_results(out, table: str) -> None:
     agg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agg)
     cells = table_cells(table)
-    for key, name in agg.ROWS:
+    for key, name in agg.row_list(out):
         if not (out / key / "ua.json").exists():
             continue
         ua = json.loads((out / key / "ua.json").read_text())["results"]
         fid = json.loads((out / key / "fid.json").read_text())["results"]
         fid_value = fid.get("classifier_fid", fid.get("fid"))
-        assert cells[name][:3] == [f"{ua['ua']:.3f}", f"{ua['remaining_accuracy']:.3f}", f"{fid_value:.3f}"], name
+        assert cells[name][1:4] == [f"{ua['ua']:.3f}", f"{ua['remaining_accuracy']:.3f}", f"{fid_value:.3f}"], name
 
 
 def test_aggregate_puts_each_rows_numbers_in_its_row(tmp_path):
-    for k, key in enumerate(("sfd", "esd")):
+    for k, key in enumerate(("sfd", "esd", "esd_guided", "sfd_2stage_authors")):
         (tmp_path / key).mkdir()
         (tmp_path / key / "ua.json").write_text(json.dumps({"results": {"ua": 0.1 + k / 3,
                                                                         "remaining_accuracy": 0.9 - k / 7}}))
         (tmp_path / key / "fid.json").write_text(json.dumps({"results": {"classifier_fid": 3.25 + 10 * k,
                                                                          "classifier_precision": 0.5}}))
+    # how each row sampled (sample.py's settings.json); the SFD generators' checkpoints say their distillation w
+    import torch
+    from sfd_ddpm.checkpoints import save_weights
+    for key, w in (("sfd", 0.0), ("sfd_2stage_authors", 2.0)):
+        ckpt = tmp_path / key / "network.safetensors"
+        save_weights(ckpt, {"generator_ema": {"w": torch.zeros(1)}}, {"sfd": {"guidance": w}}, 1, "sfd")
+        (tmp_path / key / "samples").mkdir()
+        (tmp_path / key / "samples" / "settings.json").write_text(json.dumps(
+            {"checkpoint": str(ckpt), "sampler": "one_step", "steps": None, "guidance": 0.0, "nfe_per_image": 1}))
+    (tmp_path / "esd_guided" / "samples").mkdir()
+    (tmp_path / "esd_guided" / "samples" / "settings.json").write_text(json.dumps(
+        {"checkpoint": "gone.safetensors", "sampler": "ddim", "steps": 25, "guidance": 2.0, "nfe_per_image": 50}))
     run_script("scripts/aggregate.py", "--out", tmp_path)
     table = (tmp_path / "table.md").read_text()
     assert_table_matches_results(tmp_path, table)
     cells = table_cells(table)
-    assert cells["Retrain"][0] == "not run" and cells["Retrain"][-3] == "7.94"  # the authors' reference FID
-    assert cells["SFD one-step"][-3] == "5.32" and cells["ESD"][-3] == "12.68"
+    assert cells["ESD, guided"][0] == "DDIM-25, w=2, 50 NFE" and cells["ESD"][0] == "-"
+    assert cells["SFD one-step"][0] == "one-step, distilled at w=0, 1 NFE"
+    # each generator is pointed at the teacher row it was distilled towards
+    assert "SFD one-step distils the pretrained model at w = 0: compare it with row pretrained (not run)." in table
+    assert ("SFD two-stage, authors' setting (teacher = stage-1 fake score) distils the pretrained model at w = 2: "
+            "compare it with row pretrained_guided (not run).") in table
+    cells = table_cells(table)
+    assert cells["Retrain"][1] == "not run" and cells["Retrain"][-3] == "7.94"  # the authors' reference FID
+    # the authors sampled ESD guided (w = 2): their number sits beside our guided ESD row, not the unguided one
+    assert cells["SFD one-step"][-3] == "5.32" and cells["ESD, guided"][-3] == "12.68" and cells["ESD"][-3] == "-"
+    assert "Retrain, guided" not in cells  # a guided twin appears only when it ran
+    assert "SFD two-stage, authors' setting (teacher = stage-1 fake score)" in cells
+    assert "SFD two-stage, our default (teacher = pretrained model)" not in cells
 
 
 # -- the paper-table scripts, end to end on the built-in dataset with a tiny budget -----------------
@@ -256,24 +279,43 @@ def test_paper_table_scripts_run_end_to_end(tmp_path):
            "CLASSIFIER_ARGS": "--epochs 1 --builtin-per-class 60", "PER_CLASS": "3", "REF_PER_CLASS": "8",
            "DDPM_SAMPLER": "ddim", "DDPM_STEPS": "2", "FID_FEATURES": "classifier",
            "ATTACK_ARGS": "--budgets 0,2 --n 3 --steps 2"}
+    guided = ("pretrained", "esd")  # the others sample only their unguided row here, to save time
+
     def launch(row):
-        return subprocess.Popen(["bash", f"scripts/{row}.sh"], cwd=TREE, env=env, text=True,
+        return subprocess.Popen(["bash", f"scripts/{row}.sh"], cwd=TREE, text=True,
+                                env={**env, "GUIDED": "1" if row in guided else "0"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     # the first row makes the teacher, classifier and FID reference; the others reuse them, side by side
     first = launch("pretrained")
     output = first.communicate(timeout=600)[0]
     assert first.returncode == 0, f"scripts/pretrained.sh failed:\n{output[-4000:]}"
-    procs = {row: launch(row) for row in ("sfd", "retrain", "sa", "salun", "esd")}
+    procs = {row: launch(row) for row in ("sfd", "retrain", "sa", "salun", "esd", "sfd_2stage")}
     for row, proc in procs.items():
         output = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, f"scripts/{row}.sh failed:\n{output[-4000:]}"
-        assert (out / row / "ua.json").exists() and (out / row / "fid.json").exists()
+    # one protocol: every multi-step model unguided and guided, every one-step generator once
+    for row in ("pretrained", "retrain", "sa", "salun", "esd"):
+        assert (out / f"{row}_guided").exists() == (row in guided), row
+        for variant, w in ((row, 0.0), (f"{row}_guided", 2.0))[:2 if row in guided else 1]:
+            assert (out / variant / "ua.json").exists() and (out / variant / "fid.json").exists(), variant
+            settings = json.loads((out / variant / "samples" / "settings.json").read_text())
+            assert settings["guidance"] == w and settings["sampler"] == "ddim", (variant, settings)
+            attack = json.loads((out / variant / "attack.json").read_text())["settings"]["sampling"]
+            assert attack["guidance"] == w, (variant, attack)  # attacked the way the row samples
+    for row in ("sfd", "sid", "sfd_2stage_authors", "sfd_2stage"):
+        assert json.loads((out / row / "samples" / "settings.json").read_text())["sampler"] == "one_step", row
+    # the two two-stage rows differ only in the teacher of stage 2 (the authors' bug vs the pretrained model)
+    stage2 = {row: json.loads(next((out / row / "train").glob("*/config.json")).read_text())["sfd"]
+              for row in ("sfd_2stage_authors", "sfd_2stage")}
+    assert stage2["sfd_2stage_authors"]["stage2_teacher"] == "stage1_fake_score"
+    assert stage2["sfd_2stage"]["stage2_teacher"] == "original"
+    assert stage2["sfd_2stage"]["init_stage1"] == stage2["sfd_2stage_authors"]["init_stage1"]
     agg = subprocess.run([sys.executable, "scripts/aggregate.py", "--out", out], cwd=TREE, text=True,
                          capture_output=True)
     assert agg.returncode == 0, agg.stderr
     table = (out / "table.md").read_text()
-    assert "not run" not in table and table.count("\n| ") == 7
+    assert "not run" not in table and table.count("\n| ") == 1 + 5 + 2 + 1 + 3  # header, 5 multi-step, 2 guided twins, SFD, 3 two-stage
     assert_table_matches_results(out, table)
     assert "noise attack @2 | embedding attack @2 |" in table  # every row ran evaluate.py attack
     rows = json.loads((out / "table.json").read_text())
