@@ -72,7 +72,8 @@ def learning_curve(sfd_run: Path, teacher_ckpt: Path, clf, forget, override, ref
 
 
 def comparison_picture(panels: list[tuple[torch.Tensor, str]], per_class: int, path: Path, show: int = 8) -> None:
-    """One panel per (images, title), one row per class."""
+    """One panel per (images, title), one row per class (the first ``show`` images of each)."""
+    show = min(show, per_class)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
