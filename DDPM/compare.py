@@ -363,18 +363,19 @@ def markdown(r: dict) -> str:
     from sfd_ddpm.protocol import RULE, format_cell
     n = len(r["seeds"])
     p = r["protocol"]
+    atk = r.get("attack_settings")
+    seeded = "sampling and attack" if atk else "sampling"
     lines = [f"# Unlearning methods on the built-in dataset (forget class 0)\n",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "
              f"Retrain: builtin_retrain.yaml from scratch. Every cell is the mean ± the half-width of a two-sided 95% "
-             f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, sampling and attack seed k; the "
-             f"teacher's seeds are sampling and attack seeds). {r['images_per_class']} images per class, seed and "
+             f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, {seeded} seed k; the "
+             f"teacher's seeds are {seeded} seeds). {r['images_per_class']} images per class, seed and "
              f"variant. Sampling protocol: every multi-step model unguided (w = 0) and guided (w = {p['guidance']:g}), "
              f"DDIM-{p['ddim_steps']}, eta 0, x0 clipped; every SFD generator one step, as distilled; the sampler column "
              f"names steps, w and NFE. FID = classifier-feature FID of the remaining classes against "
              f"{r['reference_images_per_class']} real test images per class (not Inception FID). {r['jobs']} pipelines "
              f"ran at a time, so wall times include contention; CPU seconds do not. Total {r['seconds']:.0f} s."
              + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else ""), ""]
-    atk = r.get("attack_settings")
     if atk:
         lines += [f"Attack columns: share of attacked images the classifier labels class 0 after {atk['budget']} "
                   f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"
