@@ -147,3 +147,14 @@ def test_quick_compare_two_seeds_end_to_end(tmp_path):
         assert c[:3] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("ua", "remaining_acc", "classifier_fid")]
         assert c[-2:] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("noise_attack", "embedding_attack")]
     assert "95% Student-t interval over 2 seeds" in proc.stdout
+
+
+def test_method_commands_carry_the_seed(tmp_path):
+    """Seed k trains with seed k (and SA's Fisher draws with seed k); the teacher trains nothing."""
+    for seed in (0, 3):
+        cmds = compare.method_commands("sa", seed, "T.safetensors", tmp_path, 200, 32, [], False)
+        assert f"seed={seed}" in cmds["train"] and cmds["fisher"][cmds["fisher"].index("--seed") + 1] == str(seed)
+        assert "baseline.init=T.safetensors" in cmds["train"] and "training.n_iters=200" in cmds["train"]
+    assert compare.method_commands("teacher", 1, "T", tmp_path, 200, 32, [], False) == {"train": None, "fisher": None}
+    retrain = compare.method_commands("retrain", 2, "T", tmp_path, 200, 32, [], False)["train"]
+    assert "seed=2" in retrain and not any(a.startswith("training.n_iters") for a in retrain)
