@@ -87,6 +87,21 @@ def test_quick_demo_pipeline(tmp_path):
     assert report["rows"][0]["metrics"]["ua"]["half"] is None and "Not run: sfd_guided" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_quick_demo_on_the_edm_backbone(tmp_path):
+    """--backbone edm: the teacher's rows use EDM's Heun sampler; the guided SFD run is skipped, said so."""
+    out = tmp_path / "demo"
+    run_script("demo.py", "--quick", "--backbone", "edm", "--outdir", out, "--sampling-seeds", "2")
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    assert list(rows) == ["teacher_unguided", "teacher_guided", "sfd"]
+    assert [(r["variant"]["sampler"], r["variant"]["steps"], r["nfe"]) for r in rows.values()] == \
+        [("edm", 2, 3), ("edm", 2, 6), ("one_step", 1, 1)]   # Heun-2: 3 evaluations, guided x2
+    assert report["skipped"] == {"sfd_guided": "no guided SFD config for the edm backbone"}
+    cfg = json.loads((next((out / "sfd").iterdir()) / "config.json").read_text())
+    assert cfg["model"]["arch"] == "songunet" and cfg["sfd"]["fake_score_levels"] == "pretrain"
+
+
 def readme_commands():
     text = (TREE / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
