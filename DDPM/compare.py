@@ -1,17 +1,23 @@
 #!/usr/bin/env python
 """Every unlearning method on the built-in dataset at an equal budget, one table (`make compare`).
 
-Forget class 0 of the built-in teacher with SFD, Selective Amnesia, SalUn, ESD (and VDU when
-`method: vdu` exists), each fine-tuned for the same --iters iterations at the same global --batch,
-plus Retrain (pretraining without class 0, its own builtin_retrain.yaml budget: it starts from
-scratch by definition). Then sample every model (DDPM-kind: DDIM with guidance 2, as the teacher;
-SFD: its one-step generator) and measure UA, remaining-class accuracy and classifier-feature FID with
-demo_report.measure. Then attack every model (evaluate.py attack's noise and label-embedding searches at
---attack-budget gradient steps; --no-attacks skips them). Writes OUTDIR/compare.json and compare.md.
+Forget class 0 of the built-in teacher with SFD (unguided and, when builtin_sfd_guided.yaml exists,
+guided distillation), Selective Amnesia, SalUn, ESD and VDU, each fine-tuned for the same --iters
+iterations at the same global --batch, plus Retrain (pretraining without class 0, its own
+builtin_retrain.yaml budget: it starts from scratch by definition).
 
-The teacher and classifier of `make demo` (runs/demo) are reused when present. Training runs go
---jobs at a time (one thread each); the table reports each run's wall time and its CPU time (the
-latter does not depend on what else ran beside it).
+Seeds: each (method, seed k) is one pipeline in its own process, --jobs at a time: train with seed k
+(SA: its Fisher too) -> sample every variant of the sampling protocol (sfd_ddpm/protocol.py: a
+multi-step model unguided and guided with DDIM, eta 0, x0 clipped; an SFD generator one step, as
+distilled) with sampling seed k -> UA, remaining-class accuracy, classifier-feature FID
+(demo_report.measure) -> evaluate.py attack with seed k (the noise and label-embedding searches at
+--attack-budget gradient steps; --no-attacks skips them). The teacher's pipelines only sample, measure
+and attack. Every number in the table is a mean with a two-sided 95% Student-t interval over the
+seeds, so it covers the spread of the unlearning run and of sampling together; a difference is
+marked only where intervals separate (protocol.RULE). Writes OUTDIR/compare.json and compare.md.
+
+The teacher and classifier of `make demo` (runs/demo) are reused when present. The table reports
+each run's wall time and its CPU time (the latter does not depend on what else ran beside it).
 """
 from __future__ import annotations
 
@@ -27,27 +33,34 @@ import click
 TREE = Path(__file__).resolve().parent
 sys.path.insert(0, str(TREE))
 
-# name -> (config, checkpoint key or None, sampler). Add a line to plug in a method.
+# name -> (config, checkpoint key or None). Add a line to plug in a method. Listed longest first, so
+# that --jobs pipelines end close together.
 METHODS = {
-    "sfd": ("builtin_sfd.yaml", "sfd.init", "one_step"),
-    "retrain": ("builtin_retrain.yaml", None, "ddim"),
-    "sa": ("builtin_sa.yaml", "baseline.init", "ddim"),
-    "salun": ("builtin_salun.yaml", "baseline.init", "ddim"),
-    "esd": ("builtin_esd.yaml", "baseline.init", "ddim"),
-    "vdu": ("builtin_vdu.yaml", "vdu.init", "ddim"),
+    "retrain": ("builtin_retrain.yaml", None),
+    "sfd": ("builtin_sfd.yaml", "sfd.init"),
+    "sfd_guided": ("builtin_sfd_guided.yaml", "sfd.init"),
+    "sa": ("builtin_sa.yaml", "baseline.init"),
+    "esd": ("builtin_esd.yaml", "baseline.init"),
+    "vdu": ("builtin_vdu.yaml", "vdu.init"),
+    "salun": ("builtin_salun.yaml", "baseline.init"),
 }
 # The attack columns: every attack at one budget; DDPM-kind models are attacked through a DDIM of
-# ATTACK["steps"] steps (guidance 2, x0 clipped, as they are sampled), SFD through its one-step map.
+# ATTACK["steps"] steps (guidance 2, x0 clipped), SFD through its one-step map. Seed k's attack uses seed k.
 ATTACK = {"budget": 20, "n": 16, "n_eval": 32, "steps": 5, "lr": 0.05, "prior_weight": 1.0, "seed": 0}
 QUICK_MODEL = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[8]",
                "data.builtin_per_class=40", "grid.per_class=2", "grid.steps=2"]
+# Table columns: (key in a row's metrics, header, higher is better). Marked per protocol.column_marks.
+COLUMNS = (("ua", "UA (higher = forgotten)", True), ("remaining_acc", "remaining-class acc", True),
+           ("classifier_fid", "classifier FID (lower = better)", False))
+ATTACK_COLUMNS = (("noise_attack", "noise attack", False), ("embedding_attack", "embedding attack", False))
 
 
 def available(name: str) -> bool:
-    """A method takes part when train.py knows it and its built-in config exists (VDU is optional)."""
+    """A method takes part when train.py knows it and its built-in config exists (VDU and guided SFD
+    are optional)."""
     from sfd_ddpm.methods import get_method
     try:
-        get_method(name)
+        get_method("sfd" if name == "sfd_guided" else name)
     except (ValueError, ImportError):
         return False
     return (TREE / "configs" / METHODS[name][0]).exists()
@@ -66,7 +79,8 @@ def start(cmd: list, log: Path) -> subprocess.Popen:
 
 
 def wait(proc: subprocess.Popen, what: str, log: Path) -> float:
-    """Wait for ``proc``; returns its CPU seconds (user + sys). A failure stops the comparison."""
+    """Wait for ``proc``; returns its CPU seconds (user + sys, its children included). A failure stops
+    the comparison."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -75,28 +89,43 @@ def wait(proc: subprocess.Popen, what: str, log: Path) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one subprocess."""
+    t0 = time.perf_counter()
+    cpu = wait(start(cmd, log), what, log)
+    return time.perf_counter() - t0, cpu
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--outdir", type=click.Path(file_okay=False), default="../runs/compare", help="Where everything goes.")
 @click.option("--demo", type=click.Path(file_okay=False), default="../runs/demo",
               help="A `make demo` folder whose teacher and classifier are reused when present.")
-@click.option("--methods", default=",".join(METHODS), help="Comma-separated subset (missing VDU is skipped).")
+@click.option("--methods", default=",".join(METHODS),
+              help="Comma-separated subset (a method whose config is missing, VDU or guided SFD, is skipped).")
+@click.option("--seeds", type=click.IntRange(min=1), default=2,
+              help="Seeds per method: seed k trains (and attacks) with seed k and samples with sampling seed k; "
+                   "every number is a mean with a 95% t interval over them (1: no interval). The default keeps "
+                   "`make compare` within ~25 min on 2 cores after `make demo`.")
 @click.option("--iters", type=click.IntRange(min=1), default=200, help="Iterations of every fine-tuning method.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, help="Global batch of every fine-tuning method.")
-@click.option("--per-class", type=click.IntRange(min=2), default=30, help="Generated images per class.")
+@click.option("--per-class", type=click.IntRange(min=2), default=30, help="Generated images per class, per seed "
+              "and sampling variant.")
 @click.option("--ddim-steps", type=click.IntRange(min=1), default=25, help="DDIM steps of the DDPM-kind models.")
-@click.option("--jobs", type=click.IntRange(min=1), default=2, help="Training runs at a time (one thread each).")
+@click.option("--guidance", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              help="w of the multi-step models' guided rows (each is also sampled unguided, w = 0).")
+@click.option("--jobs", type=click.IntRange(min=1), default=2,
+              help="(method, seed) pipelines at a time, one thread each.")
 @click.option("--attack-budget", type=click.IntRange(min=1), default=ATTACK["budget"],
               help="Gradient steps of each white-box attack (the attack columns).")
 @click.option("--no-attacks", is_flag=True, help="Skip the white-box attacks (and their columns).")
 @click.option("--quick", is_flag=True, help="Tiny budget (numbers meaningless): checks the pipeline runs.")
-def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, attack_budget, no_attacks, quick):
-    """Train, sample and measure every method; write compare.json and compare.md."""
-    import torch
-
-    from sfd_ddpm.classifiers import load_classifier
-    from sfd_ddpm.demo_report import TEACHER_SAMPLER, generate, measure, reference_images
-
-    torch.set_num_threads(1)
+@click.option("--pipeline", "pipeline_spec", type=click.Path(dir_okay=False), hidden=True,
+              help="Internal: run the one (method, seed) pipeline described by this JSON file.")
+def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guidance, jobs, attack_budget, no_attacks,
+         quick, pipeline_spec):
+    """Train, sample, measure and attack every method at every seed; write compare.json and compare.md."""
+    if pipeline_spec:
+        return pipeline(json.loads(Path(pipeline_spec).read_text()))
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -110,6 +139,7 @@ def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, attac
     model_args = QUICK_MODEL if quick else []
     if quick:
         iters, per_class, ddim_steps = 2, 2, 2
+    ref_per_class = 8 if quick else 100
     attack_cfg = None if no_attacks else {**ATTACK, "budget": attack_budget,
                                           **({"budget": 2, "n": 4, "n_eval": 4, "steps": 2} if quick else {})}
 
@@ -132,93 +162,180 @@ def main(outdir, demo, methods, iters, batch, per_class, ddim_steps, jobs, attac
             teacher_run = finished_run(out / "teacher")
     teacher = sorted(teacher_run.glob("network-*.safetensors"))[-1]
     click.echo(f"teacher: {teacher}\nclassifier: {clf_path}", err=True)
+    setup_seconds = time.perf_counter() - t_all
 
-    # training, --jobs at a time ----------------------------------------------------------------
-    runs: dict[str, dict] = {}
-    pending = list(names)
-    active: list[tuple] = []
-    while pending or active:
-        while pending and len(active) < jobs:
-            name = pending.pop(0)
-            config, init_key, _ = METHODS[name]
-            folder = out / name
-            folder.mkdir(exist_ok=True)
-            extra = [f"{init_key}={teacher}"] if init_key else []
-            if name == "retrain":
-                extra += model_args + (["training.n_iters=2", "training.batch_size=8", "training.snapshot_every=2"]
-                                       if quick else [])
-            else:
-                extra += [f"training.n_iters={iters}", f"training.batch_size={batch}",
-                          f"training.snapshot_every={iters}", f"training.state_every={iters}"]
-            if name == "sa":
-                fisher = folder / "fisher.safetensors"
-                t0 = time.perf_counter()
-                log = folder / "fisher.log"
-                cpu = wait(start(["fisher.py", "--ckpt", teacher, "--out", fisher,
-                                  *(["--samples", 3, "--timesteps-stride", 500, "--steps", 2] if quick else
-                                    ["--samples", 40, "--timesteps-stride", 20, "--steps", 20, "--guidance", 2])], log),
-                           "fisher.py", log)
-                runs[name] = {"fisher_seconds": time.perf_counter() - t0, "fisher_cpu_seconds": cpu}
-                extra.append(f"baseline.sa_fisher={fisher}")
-            log = folder / "train.log"
-            cmd = ["train.py", "--config", f"configs/{config}", "--outdir", folder / "train", *extra]
-            active.append((name, start(cmd, log), log, time.perf_counter(), cmd))
-        name, proc, log, t0, cmd = active.pop(0)
-        cpu = wait(proc, f"{name} training", log)
-        info = runs.setdefault(name, {})
-        info.update(train_seconds=time.perf_counter() - t0, train_cpu_seconds=cpu,
-                    command="python " + " ".join(map(str, cmd)))
-        info["seconds"] = info["train_seconds"] + info.get("fisher_seconds", 0.0)
-        info["cpu_seconds"] = info["train_cpu_seconds"] + info.get("fisher_cpu_seconds", 0.0)
+    # the (method, seed) pipelines, --jobs at a time ----------------------------------------------
+    common = {"teacher": str(teacher), "classifier": str(clf_path), "per_class": per_class, "ddim_steps": ddim_steps,
+              "guidance": guidance, "ref_per_class": ref_per_class, "attack": attack_cfg,
+              "extra_w": generator_ws(names), "forget": 0, "override": 1}
+    specs = [{**common, "method": name, "seed": seed, "folder": str(out / name / f"seed{seed}"),
+              **method_commands(name, seed, teacher, out / name / f"seed{seed}", iters, batch, model_args, quick)}
+             for name in ["teacher", *names] for seed in range(seeds)]
+    specs.sort(key=lambda s: ([*METHODS, "teacher"].index(s["method"]), s["seed"]))
+    t0 = time.perf_counter()
+    results = run_pipelines(specs, jobs)
+    pipelines_seconds = time.perf_counter() - t0
 
-    # sampling and measuring ------------------------------------------------------------------
-    clf, _ = load_classifier(clf_path)
-    ref = reference_images(0, 8 if quick else 100)
-    rows = []
-    models = [("teacher", teacher, "ddim")] + [(n, finished_run(out / n / "train"), METHODS[n][2]) for n in names]
-    for name, ckpt, sampler in models:
-        if ckpt is not None and ckpt.is_dir():
-            ckpt = sorted(ckpt.glob("network-*.safetensors"))[-1]
-        if sampler == "one_step":
-            x, y, rate, n_fe = generate(ckpt, per_class, "one_step")
-            sampling = {"sampler": "one_step"}
-        else:
-            x, y, rate, n_fe = generate(ckpt, per_class, steps=ddim_steps, **TEACHER_SAMPLER)
-            sampling = {**TEACHER_SAMPLER, "steps": ddim_steps}
-        m = measure(clf, x, y, 0, 1, ref)
-        rows.append({"method": name, "ua": m["ua"], "remaining_acc": m["remaining_acc"],
-                     "classifier_fid": m["classifier_fid"], "nfe": n_fe, "images_per_s": rate,
-                     "sampling": sampling, "checkpoint": str(ckpt), **runs.get(name, {}),
-                     "per_class_accuracy": m["per_class_accuracy"]})
-        click.echo(f"{name}: UA {m['ua']:.3f}, remaining {m['remaining_acc']:.3f}, "
-                   f"classifier FID {m['classifier_fid']:.3f}", err=True)
-
-    # white-box attacks, --jobs at a time (evaluate.py attack, one thread each) -----------------------
-    t_attacks = time.perf_counter()
-    if attack_cfg:
-        queue, active = list(rows), []
-        while queue or active:
-            while queue and len(active) < jobs:
-                row = queue.pop(0)
-                path = out / f"attack_{row['method']}.json"
-                log = path.with_suffix(".log")
-                active.append((row, start(attack_command(row["checkpoint"], clf_path, path, attack_cfg), log), log, path))
-            row, proc, log, path = active.pop(0)
-            wait(proc, f"attack on {row['method']}", log)
-            row["attack"] = attack_summary(path)
-            a = row["attack"]
-            click.echo(f"{row['method']}: attacks at {attack_cfg['budget']} steps: noise {a['noise_success']:.3f}, "
-                       f"embedding {a['embedding_success']:.3f} ({a['seconds']:.0f} s)", err=True)
-    attack_seconds = time.perf_counter() - t_attacks
-    total = time.perf_counter() - t_all
-    report = {"forget_class": 0, "iters": iters, "batch": batch, "images_per_class": per_class,
-              "reference_images_per_class": 8 if quick else 100, "jobs": jobs, "quick": quick,
+    report = {"forget_class": 0, "override_class": 1, "seeds": list(range(seeds)), "iters": iters, "batch": batch,
+              "images_per_class": per_class, "reference_images_per_class": ref_per_class, "jobs": jobs, "quick": quick,
+              "protocol": {"guidance": guidance, "ddim_steps": ddim_steps,
+                           "interval": "mean and two-sided 95% Student-t interval over seeds (seed k: training, "
+                                       "sampling and attack seed k)"},
               "skipped": skipped, "attack_settings": attack_cfg,
-              "attack_wall_seconds": attack_seconds if attack_cfg else None, "teacher": str(teacher), "classifier": str(clf_path), "seconds": total, "rows": rows}
+              "attack_seconds_summed": (sum(r["stage_seconds"].get("attack", 0.0) for r in results)
+                                        if attack_cfg else None),
+              "teacher": str(teacher), "classifier": str(clf_path), "methods": [], "rows": [],
+              "stage_seconds": {"classifier_and_teacher": setup_seconds, "pipelines": pipelines_seconds},
+              "pipelines": results}
+    report["methods"] = ["teacher", *names]
+    report["rows"] = table_rows(results, report["methods"])
+    report["seconds"] = time.perf_counter() - t_all
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "compare.md").write_text(md)
     click.echo(md)
+
+
+def generator_ws(names: list[str]) -> list[float]:
+    """The guidance scales the generator methods distil with (their configs' sfd.guidance): the teacher is
+    also sampled at each, so every generator's distillation target is a row."""
+    from sfd_ddpm.config import load_config
+    from sfd_ddpm.protocol import distilled_guidance
+    return sorted({distilled_guidance(load_config(TREE / "configs" / METHODS[n][0]))
+                   for n in names if METHODS[n][1] == "sfd.init"})
+
+
+def method_commands(name: str, seed: int, teacher, folder: Path, iters: int, batch: int, model_args, quick) -> dict:
+    """The training (and SA Fisher) command of one (method, seed); none for the teacher."""
+    if name == "teacher":
+        return {"train": None, "fisher": None}
+    config, init_key = METHODS[name]
+    extra = [f"seed={seed}"] + ([f"{init_key}={teacher}"] if init_key else [])
+    if name == "retrain":
+        extra += model_args + (["training.n_iters=2", "training.batch_size=8", "training.snapshot_every=2"]
+                               if quick else [])
+    else:
+        extra += [f"training.n_iters={iters}", f"training.batch_size={batch}",
+                  f"training.snapshot_every={iters}", f"training.state_every={iters}"]
+    fisher = None
+    if name == "sa":
+        path = folder / "fisher.safetensors"
+        fisher = ["fisher.py", "--ckpt", str(teacher), "--out", str(path), "--seed", str(seed), "--device", "cpu",
+                  *(["--samples", "3", "--timesteps-stride", "500", "--steps", "2"] if quick else
+                    ["--samples", "40", "--timesteps-stride", "20", "--steps", "20", "--guidance", "2"])]
+        extra.append(f"baseline.sa_fisher={path}")
+    train = ["train.py", "--config", f"configs/{config}", "--outdir", str(folder / "train"), *map(str, extra)]
+    return {"train": train, "fisher": fisher}
+
+
+def run_pipelines(specs: list[dict], jobs: int) -> list[dict]:
+    """Each spec in its own `compare.py --pipeline` process, ``jobs`` at a time; results in spec order."""
+    queue, active, done = list(specs), [], {}
+    while queue or active:
+        while queue and len(active) < jobs:
+            spec = queue.pop(0)
+            folder = Path(spec["folder"])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "spec.json").write_text(json.dumps(spec, indent=2))
+            log = folder / "pipeline.log"
+            active.append((spec, start(["compare.py", "--pipeline", folder / "spec.json"], log), log))
+        # whichever finishes first frees its slot
+        pid, status, usage = os.wait3(0)
+        k = next(i for i, (_, p, _) in enumerate(active) if p.pid == pid)
+        spec, proc, log = active.pop(k)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            for _, other, _ in active:
+                other.kill()
+            raise click.ClickException(f"{spec['method']} seed {spec['seed']} failed ({proc.returncode}); "
+                                       f"its output is in {log}:\n" + log.read_text()[-2000:])
+        done[(spec["method"], spec["seed"])] = json.loads((Path(spec["folder"]) / "result.json").read_text())
+        r = done[(spec["method"], spec["seed"])]
+        r["pipeline_cpu_seconds"] = usage.ru_utime + usage.ru_stime   # the pipeline and its waited-for children
+        click.echo(f"{spec['method']} seed {spec['seed']}: " + "; ".join(
+            f"{k}: UA {v['ua']:.3f}, remaining {v['remaining_acc']:.3f}, FID {v['classifier_fid']:.3f}"
+            for k, v in r["variants"].items()) + f" ({r['stage_seconds']['total']:.0f} s)", err=True)
+    return [done[(s["method"], s["seed"])] for s in specs]
+
+
+def pipeline(spec: dict) -> None:
+    """One (method, seed): [Fisher] -> train -> sample every protocol variant -> measure -> attack.
+    Writes FOLDER/result.json with the per-seed numbers and the wall/CPU seconds of each stage."""
+    import torch
+
+    from sfd_ddpm.classifiers import load_classifier
+    from sfd_ddpm.demo_report import reference_images, sample_and_measure
+    from sfd_ddpm.protocol import checkpoint_variants, multi_step_variants
+    from sfd_ddpm.checkpoints import read_metadata
+
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    folder, seed = Path(spec["folder"]), spec["seed"]
+    seconds, cpu = {}, {}
+    for stage in ("fisher", "train"):
+        if spec.get(stage):
+            seconds[stage], cpu[stage] = timed(spec[stage], folder / f"{stage}.log", f"{spec['method']} {stage}")
+    ckpt = Path(spec["teacher"]) if not spec.get("train") else \
+        sorted(finished_run(folder / "train").glob("network-*.safetensors"))[-1]
+    t0 = time.perf_counter()
+    kw = {"guidance": spec["guidance"], "ddim_steps": spec["ddim_steps"]}
+    meta = read_metadata(ckpt)
+    variants = (multi_step_variants(meta["config"], extra_w=tuple(spec["extra_w"]), **kw)
+                if spec["method"] == "teacher" else checkpoint_variants(ckpt, **kw))
+    clf, _ = load_classifier(spec["classifier"])
+    ref = reference_images(spec["forget"], spec["ref_per_class"])
+    measured = {}
+    for v in variants:
+        res = sample_and_measure(ckpt, v, [seed], spec["per_class"], clf, spec["forget"], spec["override"], ref)
+        measured[v.key] = {**res["per_seed"][0], "variant": v.as_dict()}
+    seconds["sampling_and_measuring"] = time.perf_counter() - t0
+    attack = None
+    if spec["attack"]:
+        path = folder / "attack.json"
+        seconds["attack"], cpu["attack"] = timed(attack_command(ckpt, spec["classifier"], path,
+                                                                {**spec["attack"], "seed": seed}),
+                                                 folder / "attack.log", f"attack on {spec['method']}")
+        attack = attack_summary(path)
+    seconds["total"] = time.perf_counter() - t_all
+    result = {"method": spec["method"], "seed": seed, "checkpoint": str(ckpt), "variants": measured, "attack": attack,
+              "commands": {k: "python " + " ".join(spec[k]) for k in ("fisher", "train") if spec.get(k)},
+              "stage_seconds": seconds, "stage_cpu_seconds": cpu}
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+
+
+def table_rows(results: list[dict], methods: list[str]) -> list[dict]:
+    """One row per (method, sampling variant): every metric as a mean with a 95% t interval over the seeds,
+    the per-seed values, and the marks of protocol.column_marks (teacher rows do not compete)."""
+    from sfd_ddpm.protocol import column_marks, mean_interval
+    rows = []
+    for method in methods:
+        seeds = [r for r in results if r["method"] == method]
+        for key, first in seeds[0]["variants"].items():
+            per_seed = []
+            for r in seeds:
+                v = r["variants"][key]
+                rec = {"seed": r["seed"], **{k: v[k] for k in ("ua", "remaining_acc", "classifier_fid", "images_per_s")}}
+                if r["attack"]:
+                    rec.update(noise_attack=r["attack"]["noise_success"], embedding_attack=r["attack"]["embedding_success"])
+                for stage in ("train", "fisher"):
+                    if stage in r["stage_seconds"]:
+                        rec[f"{stage}_seconds"] = r["stage_seconds"][stage]
+                        rec[f"{stage}_cpu_seconds"] = r["stage_cpu_seconds"][stage]
+                per_seed.append(rec)
+            metrics = {k: mean_interval([p[k] for p in per_seed]) for k in per_seed[0] if k != "seed"}
+            variant = first["variant"]
+            rows.append({"method": method, "variant": variant, "label": f"{method} ({variant['header']})",
+                         "nfe": variant["nfe"], "competes": method != "teacher", "metrics": metrics,
+                         "per_seed": per_seed, "distillation_target": None})
+    teacher = {r["variant"]["w"]: r for r in rows if r["method"] == "teacher"}
+    for r in rows:
+        if r["variant"]["sampler"] == "one_step" and r["variant"]["w"] in teacher:
+            r["distillation_target"] = teacher[r["variant"]["w"]]["label"]
+    for key, _, higher in COLUMNS + ATTACK_COLUMNS:
+        marks = column_marks([r["metrics"].get(key) if r["competes"] else None for r in rows], higher)
+        for r, mark in zip(rows, marks):
+            r.setdefault("marks", {})[key] = mark
+    return rows
 
 
 def attack_command(ckpt, clf_path, out, cfg: dict) -> list:
@@ -243,36 +360,48 @@ def attack_summary(path) -> dict:
 
 
 def markdown(r: dict) -> str:
+    from sfd_ddpm.protocol import RULE, format_cell
+    n = len(r["seeds"])
+    p = r["protocol"]
+    atk = r.get("attack_settings")
+    seeded = "sampling and attack" if atk else "sampling"
     lines = [f"# Unlearning methods on the built-in dataset (forget class 0)\n",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "
-             f"Retrain: builtin_retrain.yaml from scratch. {r['images_per_class']} images per class; DDPM-kind models "
-             f"sampled with DDIM, guidance 2, x0 clipped; SFD with its one-step generator. FID = classifier-feature "
-             f"FID of the remaining classes against {r['reference_images_per_class']} real test images per class "
-             f"(not Inception FID). Training ran {r['jobs']} at a time, so wall times include contention; CPU "
-             f"seconds do not. Total {r['seconds']:.0f} s." + (f" Skipped (not available): {', '.join(r['skipped'])}."
-                                                              if r["skipped"] else ""),
-             ""]
-    atk = r.get("attack_settings")
+             f"Retrain: builtin_retrain.yaml from scratch. Every cell is the mean ± the half-width of a two-sided 95% "
+             f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, {seeded} seed k; the "
+             f"teacher's seeds are {seeded} seeds). {r['images_per_class']} images per class, seed and "
+             f"variant. Sampling protocol: every multi-step model unguided (w = 0) and guided (w = {p['guidance']:g}), "
+             f"DDIM-{p['ddim_steps']}, eta 0, x0 clipped; every SFD generator one step, as distilled; the sampler column "
+             f"names steps, w and NFE. FID = classifier-feature FID of the remaining classes against "
+             f"{r['reference_images_per_class']} real test images per class (not Inception FID). {r['jobs']} pipelines "
+             f"ran at a time, so wall times include contention; CPU seconds do not. Total {r['seconds']:.0f} s."
+             + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else ""), ""]
     if atk:
         lines += [f"Attack columns: share of attacked images the classifier labels class 0 after {atk['budget']} "
                   f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"
                   f"row and mean-row starts, judged on {atk['n_eval']} held-out noises; DDPM-kind models through "
-                  f"DDIM-{atk['steps']}). Unattacked, the noise column would read 1 - UA on those noises. "
-                  f"Attacks took {r.get('attack_wall_seconds') or 0:.0f} s wall ({r['jobs']} at a time). See README, "
-                  f"\"Attacks\".", ""]
-    head = ("| method | UA (higher = forgotten) | remaining-class acc | classifier FID (lower = better) | NFE / image | "
-            "train wall s | train CPU s |")
-    if atk:
-        head += f" noise attack @{atk['budget']} | embedding attack @{atk['budget']} |"
-    lines += [head, "|---" * head.count(" | ") + "|---|"]
+                  f"DDIM-{atk['steps']} with guidance 2). They belong to the model, so both rows of a multi-step model "
+                  f"show the same values. Unattacked, the noise column would read 1 - UA on those noises. The attacks "
+                  f"took {r.get('attack_seconds_summed') or 0:.0f} s summed over the pipelines. See README, \"Attacks\".",
+                  ""]
+    cols = COLUMNS + (tuple((k, f"{h} @{atk['budget']}", hb) for k, h, hb in ATTACK_COLUMNS) if atk else ())
+    head = ("| method | sampler | " + " | ".join(h for _, h, _ in COLUMNS) + " | NFE / image | images / s | "
+            "train wall s | train CPU s |" + "".join(f" {h} |" for _, h, _ in cols[len(COLUMNS):]))
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for row in r["rows"]:
-        wall = f"{row['seconds']:.0f}" if "seconds" in row else "-"
-        cpu = f"{row['cpu_seconds']:.0f}" if "cpu_seconds" in row else "-"
-        line = (f"| {row['method']} | {row['ua']:.3f} | {row['remaining_acc']:.3f} | {row['classifier_fid']:.3f} | "
-                f"{row['nfe']} | {wall} | {cpu} |")
-        if atk:
-            line += f" {row['attack']['noise_success']:.3f} | {row['attack']['embedding_success']:.3f} |"
-        lines.append(line)
+        m = row["metrics"]
+        cell = lambda k: format_cell(m.get(k), row["marks"].get(k, ""))  # noqa: E731
+        plain = lambda k, d=0: format_cell(m.get(k), digits=d)  # noqa: E731
+        lines.append(f"| {row['method']} | {row['variant']['header']} | "
+                     + " | ".join(cell(k) for k, _, _ in COLUMNS)
+                     + f" | {row['nfe']} | {plain('images_per_s', 1)} | {plain('train_seconds')} | "
+                       f"{plain('train_cpu_seconds')} |" + "".join(f" {cell(k)} |" for k, _, _ in cols[len(COLUMNS):]))
+    lines += ["", RULE + " The teacher rows are references and take no part in the marking."]
+    targets = [f"{row['method']} ({row['variant']['header']}): {row['distillation_target']}"
+               for row in r["rows"] if row["distillation_target"]]
+    if targets:
+        lines += ["", "Distillation targets (the teacher row each generator was distilled towards): "
+                  + "; ".join(targets) + "."]
     return "\n".join(lines) + "\n"
 
 

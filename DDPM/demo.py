@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """The whole SFD pipeline on the built-in dataset, end to end, with no network (`make demo`).
 
-classifier -> pretrained teacher (reused when already there) -> SFD forgetting class 0 into 1 ->
-samples from the teacher (DDIM) and from the one-step generator -> unlearning accuracy, remaining-class
-accuracy and classifier-feature FID -> report.json, report.md, a teacher-vs-SFD picture and a plot of
-UA / remaining-class quality over SFD training (from its snapshots). Every stage is timed.
+classifier -> pretrained teacher (reused when already there) -> two SFD runs forgetting class 0 into 1,
+side by side (one thread each): builtin_sfd.yaml distils the unguided teacher (the authors' DDPM
+setting), builtin_sfd_guided.yaml the classifier-free-guided one -> samples under the one protocol of
+sfd_ddpm/protocol.py (the teacher unguided and guided, each generator one step as distilled) at a few
+sampling seeds -> UA, remaining-class accuracy and classifier-feature FID, each a mean with a 95%
+interval over the seeds -> report.json, report.md, a picture of every model's samples and the curves
+of both SFD runs (from their snapshots). Every stage is timed.
 
 The training stages run the real entry scripts (train_classifier.py, train.py), so the commands it
 prints are the ones a user would type.
 """
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,22 +26,46 @@ import click
 TREE = Path(__file__).resolve().parent
 sys.path.insert(0, str(TREE))
 
-# A few minutes on 2 CPU cores. --quick shrinks everything to seconds (used by the tests).
-FULL = {"teacher": [], "sfd": [], "per_class": 50, "ref_per_class": 200, "curve_per_class": 30, "ddim_steps": 50,
-        "edm_steps": 18}
+# A few minutes on 2 CPU cores. --quick shrinks everything to seconds (used by the tests). per_class is
+# per sampling seed: 3 seeds x 17 = 51 images per class and variant (the old single-seed demo drew 50),
+# so each seed's FID still rests on more images (153) than the classifier has features (128).
+FULL = {"teacher": [], "sfd": [], "per_class": 17, "sampling_seeds": 3, "ref_per_class": 200, "curve_per_class": 30,
+        "ddim_steps": 50, "edm_steps": 18}
 QUICK_MODEL = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[8]",
                "data.builtin_per_class=40", "grid.per_class=2", "grid.steps=2"]
 QUICK = {"teacher": [*QUICK_MODEL, "training.n_iters=6", "training.snapshot_every=6", "training.batch_size=8"],
          "sfd": ["training.n_iters=4", "training.snapshot_every=2", "training.batch_size=8", "grid.per_class=2"],
-         "per_class": 4, "ref_per_class": 8, "curve_per_class": 2, "ddim_steps": 3, "edm_steps": 2}
-# --backbone: (teacher config, SFD config)
-BACKBONES = {"ddpm": ("configs/builtin_train.yaml", "configs/builtin_sfd.yaml"),
-             "edm": ("configs/builtin_edm_train.yaml", "configs/builtin_edm_sfd.yaml")}
+         "per_class": 3, "sampling_seeds": 2, "ref_per_class": 8, "curve_per_class": 2, "ddim_steps": 3, "edm_steps": 2}
+# --backbone: (teacher config, unguided SFD config, guided SFD config or None)
+BACKBONES = {"ddpm": ("configs/builtin_train.yaml", "configs/builtin_sfd.yaml", "configs/builtin_sfd_guided.yaml"),
+             "edm": ("configs/builtin_edm_train.yaml", "configs/builtin_edm_sfd.yaml", None)}
 
 
 def run(cmd: list[str]) -> None:
-    click.echo("$ " + " ".join(str(c) for c in cmd), err=True)
+    click.echo("$ python " + " ".join(str(c) for c in cmd), err=True)
     subprocess.run([sys.executable, *map(str, cmd)], cwd=TREE, check=True)
+
+
+def run_parallel(jobs: dict[str, list], logs: Path) -> dict[str, dict]:
+    """Run the commands side by side, one thread each (the machine has 2 cores); each one's output
+    goes to logs/<name>.log. Returns {name: {'train_seconds', 'train_cpu_seconds'}}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, cmd in jobs.items():
+        click.echo("$ OMP_NUM_THREADS=1 python " + " ".join(str(c) for c in cmd) + f"  > {logs / name}.log", err=True)
+        procs[name] = (subprocess.Popen([sys.executable, *map(str, cmd)], cwd=TREE, env=env, stderr=subprocess.STDOUT,
+                                        stdout=open(logs / f"{name}.log", "w")), time.perf_counter())
+    timing = {}
+    for name, (proc, t0) in procs.items():
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            for other, _ in procs.values():
+                other.kill()
+            tail = (logs / f"{name}.log").read_text()[-3000:]
+            raise click.ClickException(f"{name} failed ({proc.returncode}); {logs / name}.log ends:\n{tail}")
+        timing[name] = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": usage.ru_utime + usage.ru_stime}
+    return timing
 
 
 def finished_run(parent: Path, final: str) -> Path | None:
@@ -56,12 +83,24 @@ def finished_run(parent: Path, final: str) -> Path | None:
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default="ddpm",
               help="ddpm = the DDPM UNet (DDIM teacher samples); edm = the EDM SongUNet (EDM Heun teacher samples, "
                    "SiD/SFD in sigma space).")
-def main(outdir, forget, override, quick, retrain_teacher, backbone):
+@click.option("--guidance", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              help="w of the teacher's guided variant (it is also sampled unguided, w = 0).")
+@click.option("--sampling-seeds", type=click.IntRange(min=1), default=None,
+              help="Sampling seeds per model: every number is a mean with a 95% t interval over them (1: no "
+                   "interval). Default 3 (--quick: 2).")
+@click.option("--guided-config", type=click.Path(dir_okay=False), default=None,
+              help="Config of the second SFD run, the one that distils the guided teacher. Default: "
+                   "configs/builtin_sfd_guided.yaml (ddpm backbone; none exists for edm, whose guided run is "
+                   "skipped with the reason in the report).")
+def main(outdir, forget, override, quick, retrain_teacher, backbone, guidance, sampling_seeds, guided_config):
     """Pretrain, forget, sample, evaluate and report on the built-in dataset."""
     if forget == override:
         raise click.BadParameter("the override class must differ from the forget class", param_hint="--override")
-    budget = QUICK if quick else FULL
-    teacher_yaml, sfd_yaml = BACKBONES[backbone]
+    budget = dict(QUICK if quick else FULL)
+    if sampling_seeds:
+        budget["sampling_seeds"] = sampling_seeds
+    teacher_yaml, sfd_yaml, guided_yaml = BACKBONES[backbone]
+    guided_yaml = guided_config or guided_yaml
     out = Path(outdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -89,18 +128,31 @@ def main(outdir, forget, override, quick, retrain_teacher, backbone):
     teacher_ckpt = teacher_run / final
     seconds["teacher"] = time.perf_counter() - t0
 
-    # 3. SFD ---------------------------------------------------------------------------------
+    # 3. SFD, unguided and guided side by side ---------------------------------------------------
     t0 = time.perf_counter()
-    shutil.rmtree(out / "sfd", ignore_errors=True)
-    run(["train.py", "--config", sfd_yaml, "--outdir", out / "sfd", f"sfd.init={teacher_ckpt}",
-         f"sfd.forget=[{forget}]", f"sfd.override={override}", *budget["sfd"]])
-    sfd_run = next((out / "sfd").iterdir())
+    configs = {"sfd": sfd_yaml}
+    skipped = {}
+    if guided_yaml is None:
+        skipped["sfd_guided"] = f"no guided SFD config for the {backbone} backbone"
+    elif not (TREE / guided_yaml).exists():
+        skipped["sfd_guided"] = f"{guided_yaml} does not exist"
+    else:
+        configs["sfd_guided"] = guided_yaml
+    jobs = {}
+    for name, yaml in configs.items():
+        shutil.rmtree(out / name, ignore_errors=True)
+        jobs[name] = ["train.py", "--config", yaml, "--outdir", out / name, f"sfd.init={teacher_ckpt}",
+                      f"sfd.forget=[{forget}]", f"sfd.override={override}", *budget["sfd"]]
+    timing = run_parallel(jobs, out)
+    titles = {"sfd": "SFD", "sfd_guided": "SFD guided"}
+    sfd_runs = {name: {"run": next((out / name).iterdir()), "config": yaml, "title": titles[name], **timing[name]}
+                for name, yaml in configs.items()}
     seconds["sfd"] = time.perf_counter() - t0
 
     # 4-6. samples, evaluation, pictures --------------------------------------------------------
-    from sfd_ddpm.demo_report import EDM_TEACHER_SAMPLER, TEACHER_SAMPLER, evaluate_and_report
-    evaluate_and_report(out, teacher_ckpt, sfd_run, clf_path, forget, override, budget, seconds, t_all,
-                        EDM_TEACHER_SAMPLER if backbone == "edm" else TEACHER_SAMPLER)
+    from sfd_ddpm.demo_report import evaluate_and_report
+    evaluate_and_report(out, teacher_ckpt, sfd_runs, clf_path, forget, override, budget, seconds, t_all, guidance,
+                        skipped)
 
 
 if __name__ == "__main__":

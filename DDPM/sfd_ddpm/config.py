@@ -113,6 +113,17 @@ SCHEMA: dict = {
         "classifier": K(None, "classifier checkpoint for override='classifier'"),
         "classifier_mode": K("argmax", "classifier pseudo-label: argmax or sample"),
         "alpha": K(1.2, "SiD alpha"),
+        "guidance": K(0.0, "guidance distillation: classifier-free guidance w of the teacher in the generator loss, "
+                           "guided = (1 + w) eps(x, c) - w eps(x, null) (SiD-LSG's kappa4 = 1 + w); 0 = the authors' "
+                           "DDPM setting (unguided teacher, one pass); needs a teacher with a null class"),
+        "guidance_fake_train": K(None, "guidance w of the fake score in its own DSM loss (SiD-LSG's kappa1 = 1 + w); "
+                                       "null = sfd.guidance"),
+        "guidance_fake_eval": K(None, "guidance w of the fake score in the generator loss (SiD-LSG's kappa2 = 1 + w); "
+                                      "null = sfd.guidance"),
+        "label_dropout": K(0.1, "share of fake-score training labels (and the samples generated for them) replaced "
+                                "by the null class, only while the fake score is guided (guidance_fake_train or "
+                                "guidance_fake_eval != 0), so it learns the unconditional branch guidance uses "
+                                "(SD's prompt_dropout)"),
         "t_min": K(38, "timesteps drawn from U{t_min..t_max-1} (EDM backbone: u ~ U[t_min/1000, t_max/1000) on "
                        "the rho-schedule sigma(u); SiD's EDM setting is t_min 0, t_max 800)"),
         "t_max": K(712, "exclusive upper timestep"),

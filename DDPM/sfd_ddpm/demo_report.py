@@ -1,4 +1,5 @@
-"""The evaluation half of the demo: sample the teacher and the SFD generator, measure, draw, report."""
+"""The evaluation half of the demo: sample every model under the protocol (sfd_ddpm/protocol.py) at a few
+sampling seeds, measure, draw, report. compare.py uses sample_and_measure too."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,11 @@ from .loading import denoiser_for, load_network
 from .metrics.fid import classifier_fid
 from .metrics.record import library_versions
 from .metrics.ua import evaluate_ua
+from .protocol import Variant, mean_interval
 from .samplers import image_seed, nfe, sample
 
-TEACHER_SAMPLER = {"sampler": "ddim", "eta": 0.0, "guidance": 2.0, "clip_x0": True}
-EDM_TEACHER_SAMPLER = {"sampler": "edm", "guidance": 2.0}  # EDM's Heun sampler (2 * steps - 1 NFE)
+# The numbers every report gives per row, each a mean with a 95% interval over seeds.
+METRICS = ("ua", "override_rate", "remaining_acc", "classifier_fid", "mean_p_forget", "images_per_s")
 
 
 def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0.0, guidance: float = 0.0,
@@ -69,7 +71,9 @@ def learning_curve(sfd_run: Path, teacher_ckpt: Path, clf, forget, override, ref
     return points
 
 
-def comparison_picture(x_t, x_s, per_class: int, path: Path, title_t: str, title_s: str, show: int = 8) -> None:
+def comparison_picture(panels: list[tuple[torch.Tensor, str]], per_class: int, path: Path, show: int = 8) -> None:
+    """One panel per (images, title), one row per class (the first ``show`` images of each)."""
+    show = min(show, per_class)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,111 +84,217 @@ def comparison_picture(x_t, x_s, per_class: int, path: Path, title_t: str, title
         g = make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=show, padding=1, pad_value=1.0)
         return g.permute(1, 2, 0).numpy()
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 7.4))
-    for ax, x, title in ((axes[0], x_t, title_t), (axes[1], x_s, title_s)):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 7.4), squeeze=False)
+    for ax, (x, title) in zip(axes[0], panels):
         ax.imshow(grid(x), interpolation="nearest")
-        ax.set_title(title, fontsize=11)
+        ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         size = x.shape[-1] + 1
         ax.set_yticks([size * c + size / 2 for c in range(10)])
         ax.set_yticklabels([f"{c}: {BUILTIN_CLASSES[c][0]}" for c in range(10)], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def curve_picture(points: list[dict], path: Path, forget: int, override: int) -> None:
+def curve_picture(curves: dict[str, list[dict]], path: Path, forget: int, override: int) -> None:
+    """One panel per SFD run ({title: points}): UA, override rate, remaining accuracy and classifier FID."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [p["step"] for p in points]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.plot(steps, [p["ua"] for p in points], "o-", label=f"UA (class {forget} not recognised)")
-    ax.plot(steps, [p["override_rate"] for p in points], "s--", label=f"class-{forget} samples seen as {override}")
-    ax.plot(steps, [p["remaining_acc"] for p in points], "^-", label="remaining-class accuracy")
-    ax.set_xlabel("SFD iteration")
-    ax.set_ylim(-0.02, 1.02)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [p["classifier_fid"] for p in points], "k:", label="classifier-feature FID (remaining)")
-    ax2.set_ylabel("classifier-feature FID")
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="center right")
-    ax.set_title("One-step generator (EMA) during SFD")
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 3.8), squeeze=False)
+    for ax, (title, points) in zip(axes[0], curves.items()):
+        steps = [p["step"] for p in points]
+        ax.plot(steps, [p["ua"] for p in points], "o-", label=f"UA (class {forget} not recognised)")
+        ax.plot(steps, [p["override_rate"] for p in points], "s--", label=f"class-{forget} samples seen as {override}")
+        ax.plot(steps, [p["remaining_acc"] for p in points], "^-", label="remaining-class accuracy")
+        ax.set_xlabel("SFD iteration")
+        ax.set_ylim(-0.02, 1.02)
+        ax2 = ax.twinx()
+        ax2.plot(steps, [p["classifier_fid"] for p in points], "k:", label="classifier-feature FID (remaining)")
+        ax2.set_ylabel("classifier-feature FID")
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="center right")
+        ax.set_title(f"{title}: one-step generator (EMA) during SFD", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_run: Path, clf_path: Path, forget: int, override: int,
-                        budget: dict, seconds: dict, t_all: float, teacher_sampler: dict = TEACHER_SAMPLER) -> dict:
-    t0 = time.perf_counter()
-    per_class = budget["per_class"]
-    sfd_ckpt = sorted(sfd_run.glob("network-*.safetensors"))[-1]
-    steps = budget["edm_steps" if teacher_sampler["sampler"] == "edm" else "ddim_steps"]
-    x_t, y, rate_t, nfe_t = generate(teacher_ckpt, per_class, steps=steps, **teacher_sampler)
-    x_s, _, rate_s, nfe_s = generate(sfd_ckpt, per_class, "one_step")
-    for name, x in (("teacher", x_t), ("sfd", x_s)):
-        save_images(x, y.tolist(), [i % per_class for i in range(len(y))], out / "samples" / name)
-    seconds["sampling"] = time.perf_counter() - t0
+def sample_and_measure(ckpt, variant: Variant, seeds: list[int], per_class: int, clf, forget: int, override: int,
+                       ref, save_dir: Path | None = None) -> dict:
+    """Sample ``per_class`` images per class under ``variant`` at each sampling seed, measure each seed's
+    images on its own, and summarise every metric as a mean with a 95% t interval over the seeds.
+    Returns {'per_seed': [...], 'metrics': {name: interval}, 'images': first seed's images, 'labels'}."""
+    per_seed, first = [], None
+    for seed in seeds:
+        x, y, rate, n_fe = generate(ckpt, per_class, seed=seed, **variant.sample_kwargs())
+        if n_fe != variant.nfe:   # the header states NFE: it must be the sampler's
+            raise RuntimeError(f"{variant.header}: the sampler used {n_fe} NFE")
+        if save_dir is not None:
+            save_images(x, y.tolist(), [i % per_class for i in range(len(y))], Path(save_dir) / f"seed{seed}")
+        m = measure(clf, x, y, forget, override, ref)
+        per_seed.append({"seed": seed, **{k: m[k] for k in METRICS if k in m}, "images_per_s": rate,
+                         "per_class_accuracy": m["per_class_accuracy"]})
+        first = (x, y) if first is None else first
+    return {"per_seed": per_seed, "metrics": summarise(per_seed), "images": first[0], "labels": first[1]}
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """{metric: mean_interval over the seeds} for every metric in METRICS the records hold."""
+    return {k: mean_interval([r[k] for r in per_seed]) for k in METRICS if all(k in r for r in per_seed)}
+
+
+def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict], clf_path: Path, forget: int,
+                        override: int, budget: dict, seconds: dict, t_all: float, guidance: float,
+                        skipped: dict | None = None) -> dict:
+    """Sample, measure and report. ``sfd_runs``: {name: {'run': run dir, 'title': ..., 'config': yaml}}."""
+    import shutil
+
+    from .protocol import checkpoint_variants, distillation_target, multi_step_variants
+    from .checkpoints import read_metadata
 
     t0 = time.perf_counter()
+    seeds = list(range(budget["sampling_seeds"]))
+    per_class = budget["per_class"]
     clf, clf_meta = load_classifier(clf_path)
     ref = reference_images(forget, budget["ref_per_class"])
-    m_t = measure(clf, x_t, y, forget, override, ref)
-    m_s = measure(clf, x_s, y, forget, override, ref)
-    points = learning_curve(sfd_run, teacher_ckpt, clf, forget, override, ref, budget["curve_per_class"])
-    seconds["evaluation"] = time.perf_counter() - t0
+    steps = {"ddim_steps": budget["ddim_steps"], "edm_steps": budget["edm_steps"]}
+    generators = {}
+    for name, info in sfd_runs.items():
+        ckpt = sorted(Path(info["run"]).glob("network-*.safetensors"))[-1]
+        (variant,) = checkpoint_variants(ckpt)
+        generators[name] = (ckpt, variant)
+    teacher_variants = multi_step_variants(read_metadata(teacher_ckpt)["config"], guidance,
+                                           extra_w=tuple(v.w for _, v in generators.values()), **steps)
+    models = [("teacher", "teacher", teacher_ckpt, v) for v in teacher_variants]
+    models += [(name, sfd_runs[name]["title"], ckpt, v) for name, (ckpt, v) in generators.items()]
+    shutil.rmtree(out / "samples", ignore_errors=True)
+    rows, panels = [], []
+    for model, title, ckpt, variant in models:
+        key = model if variant.key == "distilled" else f"{model}_{variant.key}"
+        res = sample_and_measure(ckpt, variant, seeds, per_class, clf, forget, override, ref, out / "samples" / key)
+        target = distillation_target(variant, teacher_variants) if variant.sampler == "one_step" else None
+        rows.append({"key": key, "model": model, "title": title, "label": variant.label(title),
+                     "variant": variant.as_dict(), "nfe": variant.nfe,
+                     "distillation_target": None if target is None else f"teacher_{target.key}",
+                     "checkpoint": str(ckpt), "sha256": file_hash(ckpt), "samples": str(out / "samples" / key),
+                     "metrics": res["metrics"], "per_seed": res["per_seed"]})
+        panels.append((res["images"], f"{title}\n{variant.header}"))
+        click_echo(f"{variant.label(title)}: " + ", ".join(
+            f"{k} {v['mean']:.3f}" for k, v in res["metrics"].items() if k != "images_per_s"))
+    by_key = {r["key"]: r for r in rows}
+    for r in rows:
+        if r["distillation_target"]:
+            r["speedup_vs_target"] = (r["metrics"]["images_per_s"]["mean"]
+                                      / by_key[r["distillation_target"]]["metrics"]["images_per_s"]["mean"])
+    seconds["sampling_and_measuring"] = time.perf_counter() - t0
 
-    teacher_desc = f"teacher: {teacher_sampler['sampler'].upper()}-{steps}, guidance w={teacher_sampler['guidance']} ({nfe_t} NFE)"
-    comparison_picture(x_t, x_s, per_class, out / "comparison.png", teacher_desc, "SFD one-step generator (1 NFE)")
-    curve_picture(points, out / "curve.png", forget, override)
+    t0 = time.perf_counter()
+    curves = {name: learning_curve(Path(info["run"]), teacher_ckpt, clf, forget, override, ref,
+                                   budget["curve_per_class"]) for name, info in sfd_runs.items()}
+    seconds["curves"] = time.perf_counter() - t0
+    comparison_picture(panels, per_class, out / "comparison.png")
+    curve_picture({sfd_runs[n]["title"]: p for n, p in curves.items()}, out / "curve.png", forget, override)
     seconds_total = time.perf_counter() - t_all
     report = {
         "forget_class": forget, "override_class": override,
-        "ua_teacher": m_t["ua"], "ua_sfd": m_s["ua"],
-        "remaining_acc_teacher": m_t["remaining_acc"], "remaining_acc_sfd": m_s["remaining_acc"],
-        "fid_teacher": m_t["classifier_fid"], "fid_sfd": m_s["classifier_fid"],
+        "protocol": {"guidance": guidance, **steps, "sampling_seeds": seeds, "images_per_class_per_seed": per_class,
+                     "reference_images_per_class": budget["ref_per_class"],
+                     "interval": "mean and two-sided 95% Student-t interval over the sampling seeds (each seed's "
+                                 "images measured on their own)"},
         "fid_kind": "classifier_fid: FID in the penultimate-feature space of the built-in classifier, remaining "
                     "classes vs real built-in test images (not Inception FID)",
-        "override_rate_teacher": m_t["override_rate"], "override_rate_sfd": m_s["override_rate"],
-        "nfe_teacher": nfe_t, "nfe_sfd": nfe_s,
-        "images_per_s_teacher": rate_t, "images_per_s_sfd": rate_s, "speedup": rate_s / rate_t,
+        "rows": rows, "skipped": skipped or {},
+        "curves": {name: {"points": pts, "images_per_class": budget["curve_per_class"], "sampling_seed": 1}
+                   for name, pts in curves.items()},
         "seconds": seconds_total, "stage_seconds": seconds,
-        "details": {"teacher": m_t, "sfd": m_s, "curve": points},
         "settings": {
-            "images_per_class": per_class, "reference_images_per_class": budget["ref_per_class"],
-            "teacher_sampler": {**teacher_sampler, "steps": steps}, "sfd_sampler": {"sampler": "one_step"},
             "teacher_checkpoint": str(teacher_ckpt), "teacher_sha256": file_hash(teacher_ckpt),
-            "sfd_checkpoint": str(sfd_ckpt), "sfd_sha256": file_hash(sfd_ckpt),
-            "sfd_config": json.loads((sfd_run / "config.json").read_text())["sfd"],
+            "sfd": {name: {"config_file": info["config"], "run": str(info["run"]),
+                           "sfd_config": json.loads((Path(info["run"]) / "config.json").read_text())["sfd"],
+                           **{k: info[k] for k in ("train_seconds", "train_cpu_seconds") if k in info}}
+                    for name, info in sfd_runs.items()},
             "classifier": str(clf_path), "classifier_sha256": file_hash(clf_path),
             "classifier_test_accuracy": clf_meta.get("test_accuracy"),
             "threads": torch.get_num_threads(), "versions": library_versions(),
         },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(report)
-    (out / "report.md").write_text(
-        f"# SFD demo on the built-in dataset\n\nForget class {forget} ({BUILTIN_CLASSES[forget][0]}) into "
-        f"override {override} ({BUILTIN_CLASSES[override][0]}).\n\n{table}\n\n"
-        f"Stage times (s): {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}; total {seconds_total:.0f}.\n\n"
-        "![teacher vs SFD](comparison.png)\n\n![SFD training curve](curve.png)\n")
-    print("\n" + table)
-    print(f"\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f"; total {seconds_total:.0f}")
+    md = report_markdown(report)
+    (out / "report.md").write_text(md)
+    print("\n" + md)
     print(f"report: {out / 'report.json'}, {out / 'report.md'}, pictures: {out / 'comparison.png'}, {out / 'curve.png'}")
     return report
 
 
+def click_echo(text: str) -> None:
+    import sys
+    print(text, file=sys.stderr, flush=True)
+
+
+def fmt(c: dict | int | str | None) -> str:
+    """A report cell: 'mean ± half' for an interval dict."""
+    if c is None:
+        return "-"
+    if isinstance(c, (int, str)):
+        return str(c)
+    digits = 3 if abs(c["mean"]) < 10 else 1
+    return f"{c['mean']:.{digits}f}" + ("" if c["half"] is None else f" ± {c['half']:.{digits}f}")
+
+
 def markdown_table(r: dict) -> str:
-    rows = [("", "teacher (multi-step)", "SFD (one step)"),
-            ("unlearning accuracy (class %d), higher = forgotten" % r["forget_class"], r["ua_teacher"], r["ua_sfd"]),
-            ("class-%d samples classified as %d" % (r["forget_class"], r["override_class"]),
-             r["override_rate_teacher"], r["override_rate_sfd"]),
-            ("remaining-class accuracy", r["remaining_acc_teacher"], r["remaining_acc_sfd"]),
-            ("classifier-feature FID, remaining classes (lower = better)", r["fid_teacher"], r["fid_sfd"]),
-            ("network evaluations per image", r["nfe_teacher"], r["nfe_sfd"]),
-            ("images / s (this machine)", r["images_per_s_teacher"], r["images_per_s_sfd"])]
-    fmt = lambda v: v if isinstance(v, str) else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}" if v < 10 else f"{v:.1f}")
-    lines = [f"| {' | '.join(fmt(v) for v in row)} |" for row in rows]
-    return "\n".join([lines[0], "|---|---|---|", *lines[1:]])
+    """Metrics as rows, one column per (model, sampling variant); headers name sampler, steps, w and NFE."""
+    f, o = r["forget_class"], r["override_class"]
+    cols = r["rows"]
+    lines = [("",) + tuple(f"{c['title']}<br>{c['variant']['header']}" for c in cols)]
+    for label, key in ((f"unlearning accuracy (class {f}), higher = forgotten", "ua"),
+                       (f"class-{f} samples classified as {o}", "override_rate"),
+                       ("remaining-class accuracy", "remaining_acc"),
+                       ("classifier-feature FID, remaining classes (lower = better)", "classifier_fid"),
+                       ("images / s (this machine)", "images_per_s")):
+        lines.append((label,) + tuple(fmt(c["metrics"][key]) for c in cols))
+    lines.append(("network evaluations per image",) + tuple(fmt(c["nfe"]) for c in cols))
+    lines.append(("distillation target",) + tuple(
+        "-" if not c["distillation_target"] else next(t["label"] for t in cols if t["key"] == c["distillation_target"])
+        for c in cols))
+    out = [f"| {' | '.join(row)} |" for row in lines]
+    return "\n".join([out[0], "|---" * len(lines[0]) + "|", *out[1:]])
+
+
+def target_sentences(r: dict) -> list[str]:
+    """For each generator: its classifier FID and UA beside its distillation target's, and whether the
+    95% intervals separate."""
+    from .protocol import separated
+    by_key = {c["key"]: c for c in r["rows"]}
+    out = []
+    for c in r["rows"]:
+        t = by_key.get(c["distillation_target"] or "")
+        if t is None:
+            continue
+        parts = []
+        for key, name in (("classifier_fid", "classifier FID"), ("remaining_acc", "remaining-class accuracy")):
+            a, b = c["metrics"][key], t["metrics"][key]
+            parts.append(f"{name} {fmt(a)} vs {fmt(b)} ("
+                         + ("intervals separate" if separated(a, b) else "intervals overlap: no difference shown") + ")")
+        out.append(f"- {c['title']} vs its distillation target {t['label']}: " + "; ".join(parts)
+                   + f"; {c['speedup_vs_target']:.0f}x the images per second.")
+    return out
+
+
+def report_markdown(r: dict) -> str:
+    p = r["protocol"]
+    f, o = r["forget_class"], r["override_class"]
+    skipped = "".join(f"\n\nNot run: {name} ({why})." for name, why in r["skipped"].items())
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
+    return (f"# SFD demo on the built-in dataset\n\nForget class {f} ({BUILTIN_CLASSES[f][0]}) into override {o} "
+            f"({BUILTIN_CLASSES[o][0]}).\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
+            f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
+            f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
+            f"would, and reads higher). Multi-step models are sampled unguided and guided (w = {p['guidance']:g}); "
+            f"each SFD generator one step, as distilled (w = the guidance it was distilled with). FID: "
+            f"classifier-feature FID of the remaining classes against {p['reference_images_per_class']} real test "
+            f"images per class (not Inception FID).\n\n{markdown_table(r)}\n\n" + "\n".join(target_sentences(r))
+            + f"{skipped}\n\nStage times (s): {stages}; total {r['seconds']:.0f}.\n\n"
+            "![teacher and SFD samples](comparison.png)\n\n![SFD training curves](curve.png)\n")

@@ -90,10 +90,11 @@ class VPSchedule:
         """The one-step generator's level: t* = ``sfd.t_init``."""
         return int(sfd_cfg["t_init"])
 
-    def denoising_loss(self, denoiser: "Denoiser", x0, label, t, eps) -> torch.Tensor:
-        """Per-sample pixel-summed eps-prediction loss ||eps - eps(x_t, t, c)||^2 (Ho et al.)."""
+    def denoising_loss(self, denoiser: "Denoiser", x0, label, t, eps, guidance: float = 0.0) -> torch.Tensor:
+        """Per-sample pixel-summed eps-prediction loss ||eps - eps(x_t, t, c)||^2 (Ho et al.), with the
+        eps guided with scale w (SiD-LSG trains its fake score guided; w = 0: the plain loss)."""
         x_t = self.add_noise(x0, t, eps)
-        return (eps - denoiser.eps(x_t, t, label)).square().flatten(1).sum(1)
+        return (eps - denoiser.eps(x_t, t, label, guidance)).square().flatten(1).sum(1)
 
 
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -154,9 +155,10 @@ class Denoiser:
             eps = self.schedule.eps_given_x0(x_t, t, x0)
         return x0, eps
 
-    def loss(self, x0, label, t, eps) -> torch.Tensor:
-        """The backbone's per-sample denoising score-matching loss (see the schedule's ``denoising_loss``)."""
-        return self.schedule.denoising_loss(self, x0, label, _per_sample(t, x0), eps)
+    def loss(self, x0, label, t, eps, guidance: float = 0.0) -> torch.Tensor:
+        """The backbone's per-sample denoising score-matching loss (see the schedule's ``denoising_loss``)
+        of the output guided with scale ``guidance`` (0: one conditional pass)."""
+        return self.schedule.denoising_loss(self, x0, label, _per_sample(t, x0), eps, guidance)
 
 
 def check_guidance(null_label, guidance: float) -> None:

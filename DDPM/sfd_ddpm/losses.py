@@ -1,6 +1,8 @@
 """The SiD / SFD losses (SPEC section 3), written once against the Denoiser interface.
 
 All losses are returned *per sample* (pixel sums); callers average over the batch and weight terms.
+Guidance scales w are the DDPM convention, guided = (1 + w) out(x, c) - w out(x, null) (SiD-LSG's
+kappa = 1 + w); w = 0 is one conditional pass, exactly the unguided loss.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from .diffusion import Denoiser
 
 
 def fake_score_loss(fake_score: Denoiser, x_g: torch.Tensor, label: torch.Tensor, t: torch.Tensor,
-                    eps: torch.Tensor) -> torch.Tensor:
+                    eps: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
     """Denoising score matching on generator samples, generator stopped, with the backbone's loss:
     VP: L_phi = || eps - eps_phi(a_t sg(x_g) + b_t eps, t, c) ||^2;
-    EDM: L_phi = lambda(sigma) || D_phi(sg(x_g) + sigma eps; sigma, c) - sg(x_g) ||^2 (SPEC section 4)."""
-    return fake_score.loss(x_g.detach(), label, t, eps)
+    EDM: L_phi = lambda(sigma) || D_phi(sg(x_g) + sigma eps; sigma, c) - sg(x_g) ||^2 (SPEC section 4);
+    the fake score's output guided with ``guidance`` (SiD-LSG's kappa1)."""
+    return fake_score.loss(x_g.detach(), label, t, eps, guidance)
 
 
 def sid_loss(x_g: torch.Tensor, f_teacher: torch.Tensor, f_fake: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -29,15 +32,16 @@ def sid_loss(x_g: torch.Tensor, f_teacher: torch.Tensor, f_fake: torch.Tensor, a
 
 def generator_loss(teacher: Denoiser, fake_score: Denoiser, x_g: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                    label_teacher: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], label_fake: torch.Tensor,
-                   alpha: float) -> torch.Tensor:
+                   alpha: float, teacher_guidance: float = 0.0, fake_guidance: float = 0.0) -> torch.Tensor:
     """SiD generator loss at x_t = noised x_g (a_t x_g + b_t eps, or x_g + sigma eps for EDM); gradients
     reach theta through x_g and through the
     inputs of both (frozen) networks. ``label_teacher`` may be a function of the fake score's denoised
-    estimate (classifier pseudo-labels), which is why the fake score is evaluated first."""
+    estimate (classifier pseudo-labels), which is why the fake score is evaluated first. The teacher is
+    guided with ``teacher_guidance`` (SiD-LSG's kappa4), the fake score with ``fake_guidance`` (kappa2)."""
     x_t = teacher.schedule.add_noise(x_g, t, eps)
-    f_fake = fake_score(x_t, t, label_fake)
+    f_fake = fake_score(x_t, t, label_fake, fake_guidance)
     if callable(label_teacher):
         label_teacher = label_teacher(f_fake.detach())
-    f_teacher = teacher(x_t, t, label_teacher)
+    f_teacher = teacher(x_t, t, label_teacher, teacher_guidance)
     return sid_loss(x_g, f_teacher, f_fake, alpha)
 

@@ -9,36 +9,97 @@ import pytest
 
 from conftest import TREE, run_script
 
-REPORT_KEYS = {"forget_class", "override_class", "ua_teacher", "ua_sfd", "remaining_acc_teacher", "remaining_acc_sfd",
-               "fid_teacher", "fid_sfd", "nfe_teacher", "nfe_sfd", "images_per_s_teacher", "images_per_s_sfd", "seconds"}
+REPORT_KEYS = {"forget_class", "override_class", "protocol", "fid_kind", "rows", "skipped", "curves", "seconds",
+               "stage_seconds", "settings"}
+ROW_KEYS = {"key", "model", "title", "label", "variant", "nfe", "distillation_target", "checkpoint", "sha256",
+            "samples", "metrics", "per_seed"}
 
 
 @pytest.mark.slow
 def test_quick_demo_pipeline(tmp_path):
+    """demo.py --quick: four rows (teacher unguided and guided, SFD, SFD guided) under the protocol, every
+    number a mean with a t interval over the sampling seeds; each seed's UA is what evaluate.py measures on
+    that seed's saved images; the markdown shows the JSON's numbers."""
+    from sfd_ddpm.demo_report import fmt
+    from sfd_ddpm.protocol import mean_interval
+
     out = tmp_path / "demo"
-    proc = run_script("demo.py", "--quick", "--outdir", out)
+    proc = run_script("demo.py", "--quick", "--outdir", out, "--sampling-seeds", "3", "--guidance", "1.5")
     report = json.loads((out / "report.json").read_text())
-    assert REPORT_KEYS <= set(report)
+    assert REPORT_KEYS <= set(report) and report["skipped"] == {}
     assert report["forget_class"] == 0 and report["override_class"] == 1
-    assert report["nfe_sfd"] == 1 and report["nfe_teacher"] == 8  # DDIM-3 = 4 grid timesteps (0, 333, 666, 999), guided
-    assert report["images_per_s_sfd"] > report["images_per_s_teacher"]
-    # the reported UAs are the ones evaluate.py measures on the saved samples with the saved classifier
-    # (the quick budget makes their values meaningless, not their computation)
-    for who in ("teacher", "sfd"):
-        result = tmp_path / f"ua_{who}.json"
-        run_script("evaluate.py", "ua", "--images", out / "samples" / who, "--classifier",
-                   report["settings"]["classifier"], "--forget", "0", "--out", result)
-        measured = json.loads(result.read_text())["results"]
-        assert measured["ua"] == pytest.approx(report[f"ua_{who}"], abs=1e-12), who
-        assert measured["remaining_accuracy"] == pytest.approx(report[f"remaining_acc_{who}"], abs=1e-12), who
+    rows = {r["key"]: r for r in report["rows"]}
+    # --guidance 1.5 differs from builtin_sfd_guided.yaml's w = 2: the teacher gets a third row at w = 2,
+    # the guided generator's distillation target
+    assert list(rows) == ["teacher_unguided", "teacher_guided", "teacher_w2", "sfd", "sfd_guided"]
+    assert all(ROW_KEYS <= set(r) for r in rows.values())
+    # the protocol's settings reach the samplers: DDIM-3 = 4 grid timesteps (0, 333, 666, 999), guided x2
+    assert [rows[k]["variant"]["guidance"] for k in rows] == [0.0, 1.5, 2.0, 0.0, 0.0]
+    assert [rows[k]["nfe"] for k in rows] == [4, 8, 8, 1, 1]
+    assert rows["teacher_guided"]["variant"]["header"] == "DDIM-3, w=1.5, 8 NFE"
+    # each generator as distilled: w from its run's sfd.guidance, its target the teacher at that w
+    w_guided = report["settings"]["sfd"]["sfd_guided"]["sfd_config"]["guidance"]
+    assert w_guided > 0 and rows["sfd_guided"]["variant"]["w"] == w_guided
+    assert rows["sfd"]["variant"]["w"] == 0.0 and rows["sfd"]["distillation_target"] == "teacher_unguided"
+    assert rows["sfd_guided"]["distillation_target"] == f"teacher_w{w_guided:g}"
+    # every metric: 3 seeds, the interval of the per-seed values; each seed's UA = evaluate.py on its images
+    for key, row in rows.items():
+        assert [p["seed"] for p in row["per_seed"]] == [0, 1, 2], key
+        for name, interval in row["metrics"].items():
+            assert interval == mean_interval([p[name] for p in row["per_seed"]]), (key, name)
+        assert row["metrics"]["ua"]["n"] == 3 and row["metrics"]["ua"]["half"] is not None
+    for key in ("teacher_guided", "sfd_guided"):
+        for seed in (0, 2):
+            result = tmp_path / f"ua_{key}_{seed}.json"
+            run_script("evaluate.py", "ua", "--images", out / "samples" / key / f"seed{seed}", "--classifier",
+                       report["settings"]["classifier"], "--forget", "0", "--out", result)
+            measured = json.loads(result.read_text())["results"]
+            assert measured["ua"] == pytest.approx(rows[key]["per_seed"][seed]["ua"], abs=1e-12), key
+            assert measured["remaining_accuracy"] == pytest.approx(rows[key]["per_seed"][seed]["remaining_acc"],
+                                                                   abs=1e-12), key
+    # the sampling seeds are different draws
+    fids = [p["classifier_fid"] for p in rows["teacher_unguided"]["per_seed"]]
+    assert len(set(fids)) == 3
+    # the markdown cells are the JSON's numbers
+    md = (out / "report.md").read_text()
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines() if line.startswith("| ")}
+    order = [r["key"] for r in report["rows"]]
+    assert cells["classifier-feature FID, remaining classes (lower = better)"] == \
+        [fmt(rows[k]["metrics"]["classifier_fid"]) for k in order]
+    assert cells["unlearning accuracy (class 0), higher = forgotten"] == [fmt(rows[k]["metrics"]["ua"]) for k in order]
+    assert cells["network evaluations per image"] == [str(rows[k]["nfe"]) for k in order]
+    assert "95% Student-t interval over 3 sampling seeds" in md
     assert "classifier" in report["fid_kind"] and report["settings"]["teacher_sha256"]
     for name in ("report.md", "comparison.png", "curve.png"):
         assert (out / name).stat().st_size > 0
     assert "unlearning accuracy" in proc.stdout
-    assert len(report["details"]["curve"]) == 3  # iteration 0 and the two SFD snapshots
-    # the second run reuses the teacher
-    proc = run_script("demo.py", "--quick", "--outdir", out)
+    # both SFD runs have a curve: iteration 0 and the two snapshots; they trained side by side
+    assert {k: len(v["points"]) for k, v in report["curves"].items()} == {"sfd": 3, "sfd_guided": 3}
+    assert (out / "sfd.log").exists() and (out / "sfd_guided.log").exists()
+    # the second run reuses the teacher; a missing guided config is skipped with its reason
+    proc = run_script("demo.py", "--quick", "--outdir", out, "--sampling-seeds", "1", "--guided-config",
+                      tmp_path / "missing.yaml")
     assert "reusing the teacher" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert "missing.yaml does not exist" in report["skipped"]["sfd_guided"]
+    assert [r["key"] for r in report["rows"]] == ["teacher_unguided", "teacher_guided", "sfd"]
+    assert report["rows"][0]["metrics"]["ua"]["half"] is None and "Not run: sfd_guided" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_demo_on_the_edm_backbone(tmp_path):
+    """--backbone edm: the teacher's rows use EDM's Heun sampler; the guided SFD run is skipped, said so."""
+    out = tmp_path / "demo"
+    run_script("demo.py", "--quick", "--backbone", "edm", "--outdir", out, "--sampling-seeds", "2")
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    assert list(rows) == ["teacher_unguided", "teacher_guided", "sfd"]
+    assert [(r["variant"]["sampler"], r["variant"]["steps"], r["nfe"]) for r in rows.values()] == \
+        [("edm", 2, 3), ("edm", 2, 6), ("one_step", 1, 1)]   # Heun-2: 3 evaluations, guided x2
+    assert report["skipped"] == {"sfd_guided": "no guided SFD config for the edm backbone"}
+    cfg = json.loads((next((out / "sfd").iterdir()) / "config.json").read_text())
+    assert cfg["model"]["arch"] == "songunet" and cfg["sfd"]["fake_score_levels"] == "pretrain"
 
 
 def readme_commands():

@@ -86,10 +86,11 @@ def test_t_interval_by_hand():
 
 def test_separation_marker_on_a_constructed_column():
     cell = lambda m, h: {"mean": m, "half": h, "lo": m - h, "hi": m + h}  # noqa: E731
-    best, overlap, apart, touching = cell(0.9, 0.05), cell(0.8, 0.06), cell(0.7, 0.1), cell(0.8, 0.05)
-    # higher is better: 0.9 best; 0.8 +- 0.06 reaches 0.86 > 0.85 (overlaps); 0.7 +- 0.1 ends at 0.8 < 0.85;
-    # touching at 0.85 = 0.85 is an overlap (not marked)
-    assert P.column_marks([best, overlap, apart, touching, None], True) == ["best", "", "sep", "", ""]
+    best, overlap, apart = cell(0.9, 0.05), cell(0.8, 0.06), cell(0.7, 0.1)
+    # higher is better: 0.9 best; 0.8 +- 0.06 reaches 0.86 > 0.85 (overlaps); 0.7 +- 0.1 ends at 0.8 < 0.85
+    assert P.column_marks([best, overlap, apart, None], True) == ["best", "", "sep", ""]
+    # intervals that touch (0.25 + 0.25 = 0.75 - 0.25, exact in binary) overlap: not marked
+    assert P.column_marks([cell(0.75, 0.25), cell(0.25, 0.25), cell(0.25, 0.125)], True) == ["best", "", "sep"]
     # lower is better: 0.7 is best, 0.9 +- 0.05 starts at 0.85 > 0.8: separated; 0.8 +- 0.06 overlaps
     assert P.column_marks([best, overlap, apart], False) == ["sep", "", "best"]
     # one seed: no intervals, nothing separates

@@ -5,14 +5,24 @@ one-step generator theta. Each iteration alternates a phi step (DSM on generator
 theta step (the SiD loss), each with a remain term (labels uniform over the kept classes) and a
 forget term (generate at c_f, fake score at c_f, teacher at the override c_o). The loop is data-free:
 it draws labels, never reads an image.
+
+Guidance distillation (SiD-LSG's scales, SPEC section 3, in the DDPM convention guided =
+(1 + w) out(x, c) - w out(x, null), kappa = 1 + w): the teacher is guided with ``sfd.guidance`` (kappa4)
+in both theta terms (at c, and at the override c_o in the forget term), the fake score is trained with
+``guidance_fake_train`` (kappa1) and evaluated in the generator loss with ``guidance_fake_eval``
+(kappa2). While the fake score is guided, ``label_dropout`` of its training labels become the null
+class, and those samples are generated at the null class too (as the SD tree's prompt dropout), so its
+unconditional branch is trained. All scales 0 is the authors' DDPM setting and today's code path.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..checkpoints import CheckpointError, load_into, load_weights
 from ..config import with_architecture
-from ..diffusion import Denoiser, schedule_of
+from ..diffusion import check_guidance, Denoiser, NoGuidance, schedule_of
 from ..distributed import Dist
 from ..losses import fake_score_loss, generator_loss
 from ..networks import build_network
@@ -22,6 +32,53 @@ from .forget_spec import ForgetSpec
 
 
 FAKE_SCORE_LEVELS = ("range", "pretrain")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """SFD's guidance scales w (kappa = 1 + w) with the nulls of ``sfd.guidance_fake_*`` resolved to
+    ``sfd.guidance``: every reader (the losses, the saved config) sees the same numbers."""
+    teacher: float = 0.0      # sfd.guidance, kappa4
+    fake_train: float = 0.0   # sfd.guidance_fake_train, kappa1
+    fake_eval: float = 0.0    # sfd.guidance_fake_eval, kappa2
+    label_dropout: float = 0.1
+
+    @classmethod
+    def from_config(cls, s: dict) -> "Guidance":
+        w = _scale("guidance", s["guidance"])
+        fake_train = w if s["guidance_fake_train"] is None else _scale("guidance_fake_train", s["guidance_fake_train"])
+        fake_eval = w if s["guidance_fake_eval"] is None else _scale("guidance_fake_eval", s["guidance_fake_eval"])
+        p = s["label_dropout"]
+        if not 0 <= p < 1:
+            raise ValueError(f"sfd.label_dropout must lie in [0, 1), got {p!r}")
+        return cls(w, fake_train, fake_eval, float(p))
+
+    def config(self) -> dict:
+        """The resolved values, under their config keys (recorded in the run's config.json)."""
+        return {"guidance": self.teacher, "guidance_fake_train": self.fake_train,
+                "guidance_fake_eval": self.fake_eval, "label_dropout": self.label_dropout}
+
+    @property
+    def dropout(self) -> float:
+        """The label-dropout share in effect: only a guided fake score ever evaluates its null branch."""
+        return self.label_dropout if (self.fake_train or self.fake_eval) else 0.0
+
+    def check(self, null_label) -> None:
+        """Refuse any nonzero scale for a network without a null class, naming the key."""
+        for key, w in self.config().items():
+            if key != "label_dropout":
+                try:
+                    check_guidance(null_label, w)
+                except NoGuidance as err:
+                    raise NoGuidance(f"sfd.{key}={w}: {err}") from None
+
+
+def _scale(key: str, w) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise ValueError(f"sfd.{key} must be a number (a guidance scale w >= 0), got {w!r}")
+    if w < 0:
+        raise ValueError(f"sfd.{key} must be >= 0 (w = 0 is unguided), got {w!r}")
+    return float(w)
 
 
 class SFD:
@@ -35,10 +92,13 @@ class SFD:
             raise ValueError("method sid distils every class; set sfd.forget=[] (or use method sfd)")
         if cfg["method"] == "sfd" and not s["forget"]:
             raise ValueError("method sfd needs at least one class in sfd.forget (or use method sid)")
+        self.guidance = Guidance.from_config(s)  # checked before any checkpoint loads
         if networks is None:
             networks, cfg = self._load_networks(cfg)
+        cfg = {**cfg, "sfd": {**cfg["sfd"], **self.guidance.config()}}
         self.cfg, self.dist = cfg, dist
         teacher, fake, gen = networks
+        self.guidance.check(teacher.null_label)
         self.spec = ForgetSpec.parse(s["forget"], s["override"], cfg["data"]["n_classes"], s["classifier"],
                                      s["classifier_mode"], dist.device)
         self.schedule = schedule_of(cfg)
@@ -127,6 +187,9 @@ class SFD:
             label, override = self.spec.sample_forget(n)
         else:
             label, override = self.spec.sample_remain(n), None
+        if phi and self.guidance.dropout > 0:  # generated and scored at the null class (override unused in phi)
+            drop = torch.rand(n, device=dev) < self.guidance.dropout
+            label = torch.where(drop, torch.full_like(label, self.teacher.null_label), label)
         return {"forget": forget, "label": label, "override": override, "z": torch.randn(n, *self.shape, device=dev),
                 "t": self._t(n, warm and forget, phi), "eps": torch.randn(n, *self.shape, device=dev)}
 
@@ -186,7 +249,7 @@ class SFD:
         with torch.no_grad():
             x_g = self._generate(terms)
         return fake_score_loss(self.fake_train, x_g, self._cat(terms, "label"), self._cat(terms, "t"),
-                               self._cat(terms, "eps"))
+                               self._cat(terms, "eps"), self.guidance.fake_train)
 
     def _theta_terms(self, terms) -> torch.Tensor:
         x_g = self._generate(terms)
@@ -198,7 +261,8 @@ class SFD:
                 return torch.cat([self.spec.pseudo_label(p) if d["forget"] else d["label"]
                                   for d, p in zip(terms, parts)])
         return generator_loss(self.teacher, self.fake_frozen, x_g, self._cat(terms, "t"), self._cat(terms, "eps"),
-                              teacher_label, self._cat(terms, "label"), self.cfg["sfd"]["alpha"])
+                              teacher_label, self._cat(terms, "label"), self.cfg["sfd"]["alpha"],
+                              teacher_guidance=self.guidance.teacher, fake_guidance=self.guidance.fake_eval)
 
     def _clip_and_step(self, net, opt) -> None:
         clip = self.cfg["sfd"]["grad_clip_value"]
