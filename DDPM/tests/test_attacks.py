@@ -307,20 +307,3 @@ def test_aggregate_attack_columns_and_no_attacks(tmp_path):
     assert run("--no-attacks").returncode == 0
     table = (tmp_path / "table.md").read_text()
     assert "attack" not in table.split("\n", 1)[1] and "| SFD one-step | 0.900 | 0.800 | 3.000 | - | - | - || 0 | 9.53 |" in table
-
-
-def test_compare_markdown_has_attack_columns_only_with_attacks():
-    import compare
-
-    row = {"method": "sfd", "ua": 1.0, "remaining_acc": 0.9, "classifier_fid": 2.0, "nfe": 1,
-           "attack": {"noise_success": 0.125, "embedding_success": 0.5, "seconds": 3.0}}
-    report = {"iters": 200, "batch": 32, "images_per_class": 30, "reference_images_per_class": 100, "jobs": 2,
-              "seconds": 600.0, "skipped": [], "rows": [row],
-              "attack_settings": {**compare.ATTACK}, "attack_wall_seconds": 3.0}
-    md = compare.markdown(report)
-    assert f"noise attack @{compare.ATTACK['budget']} | embedding attack @{compare.ATTACK['budget']} |" in md
-    assert "| sfd | 1.000 | 0.900 | 2.000 | 1 | - | - | 0.125 | 0.500 |" in md and "Attacks took 3 s wall" in md
-    header, rule = [line for line in md.splitlines() if line.startswith("|")][:2]
-    assert header.count("|") == rule.count("|")
-    md = compare.markdown({**report, "attack_settings": None})
-    assert "attack" not in md and "| sfd | 1.000 | 0.900 | 2.000 | 1 | - | - |" in md

@@ -391,15 +391,3 @@ def test_timestep_enumeration_is_refused_with_a_message():
     net = build_network(cfg)
     with pytest.raises(ValueError, match="discrete DDPM timesteps"):
         diagonal_fisher(Denoiser(net, schedule_of(cfg), net.null_label), torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.long))
-
-
-@pytest.mark.slow  # ~1-2 min: the demo pipeline with --backbone edm at its --quick budget
-def test_demo_runs_on_the_edm_backbone(tmp_path):
-    from conftest import run_script
-    out = tmp_path / "demo"
-    run_script("demo.py", "--quick", "--backbone", "edm", "--outdir", out)
-    report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["teacher_sampler"] == {"sampler": "edm", "guidance": 2.0, "steps": 2}
-    assert report["nfe_teacher"] == 6 and report["nfe_sfd"] == 1  # Heun-2: 3 evaluations, guided: x2
-    cfg = json.loads((next((out / "sfd").iterdir()) / "config.json").read_text())
-    assert cfg["model"]["arch"] == "songunet" and cfg["sfd"]["fake_score_levels"] == "pretrain"
