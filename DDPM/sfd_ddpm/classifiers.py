@@ -234,7 +234,7 @@ def fit(model: nn.Module, train_loader, *, epochs: int, lr: float, head_lr_mult:
     else:
         groups = [{"params": model.parameters(), "lr": lr}]
     opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * len(train_loader)
+    total_steps = max(1, epochs * len(train_loader))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps)) if cosine else 1.0)
     gen = torch.Generator().manual_seed(seed)

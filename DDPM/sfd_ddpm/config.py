@@ -235,8 +235,8 @@ def _check_type(path: str, value, default):
     if path == "data.class_names" and value is not None and (
             not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
         raise ConfigError(f"data.class_names must be a list of names (or null), got {value!r}")
-    if default is None or value is None:
-        return value
+    if default is None or value is None or path == "sfd.override":  # a class, name, mode or mapping:
+        return value                                                   # ForgetSpec.parse checks it
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{path} must be true or false, got {value!r}")

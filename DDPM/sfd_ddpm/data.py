@@ -43,8 +43,8 @@ def class_names(source) -> list[str]:
     builtin: the shape names; cifar10 / stl10 / mnist: their label names; folder: the class-folder
     names (``data.class_names`` when the config stores them, else read from ``data.root``)."""
     if isinstance(source, Dataset):
-        while isinstance(source, Subset):
-            source = source.dataset
+        while isinstance(source, (Subset, _Concat)):
+            source = source.dataset if isinstance(source, Subset) else source.parts[0]
         if hasattr(source, "classes"):
             return list(source.classes)
         return [name for name, _ in BUILTIN_CLASSES]
