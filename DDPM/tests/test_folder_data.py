@@ -76,6 +76,11 @@ def test_folder_images_are_rgb_square_and_labelled_by_sorted_folder(tree):
     # the classes are what their folders say: disc red, square blue, stripes green (centre pixel of RGB files)
     means = [train.images[[i for i, t in enumerate(train.targets) if t == c]].mean((0, 2, 3)) for c in range(3)]
     assert means[0].argmax() == 0 and means[1].argmax() == 2 and means[2].argmax() == 1
+    # the demo's helpers: held-out references of the remaining classes, teacher overrides
+    from sfd_ddpm.folder_data import config_overrides, reference_images
+    ref = reference_images(tree, 16, [2], per_class=5)
+    assert torch.equal(ref, test.images[[i for i, t in enumerate(test.targets) if t != 2]])
+    assert config_overrides(tree, 16)[2:4] == ["data.n_classes=3", "data.image_size=16"]
 
 
 def test_split_is_deterministic_disjoint_and_independent_of_listing_order(tree, tmp_path):
@@ -117,6 +122,30 @@ def test_classes_by_name_or_index(tree):
         resolve_classes([3], CLASSES)
 
 
+def test_classifier_step_budget_augmentation_and_cosine_decay_are_used():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sfd_ddpm.classifiers import SmallCNN, epochs_for_steps, fit, random_crop
+
+    assert epochs_for_steps(1618, 128, 1500, 10) == 116 and epochs_for_steps(50_000, 128, 3000, 10) == 10
+    assert epochs_for_steps(33, 16, 60, 10) == 20 and epochs_for_steps(33, 16, 6, 10) == 10
+    x = torch.randn(4, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    shifted = random_crop(x, 2, g)
+    assert shifted.shape == x.shape and not torch.equal(shifted, x) and torch.equal(random_crop(x, 0, g), x)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 3)
+
+    def weights(**kw):
+        torch.manual_seed(0)
+        model = SmallCNN(3, 3, 4)
+        fit(model, DataLoader(data, batch_size=8), epochs=1, lr=1e-2, progress=False, log=lambda *_: None, **kw)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = weights()
+    assert torch.equal(plain, weights())
+    assert not torch.allclose(plain, weights(crop_pad=2)) and not torch.allclose(plain, weights(cosine=True))
+
+
 def test_sfd_override_accepts_modes_names_and_mappings():
     """The schema let only numbers through for sfd.override (its default is 1), refusing 'random',
     'classifier', a mapping and a class name that its help promises."""
@@ -133,8 +162,8 @@ def test_pretrain_sfd_classifier_and_evaluation_through_a_folder(tree, tmp_path)
     data = ["data.dataset=folder", f"data.root={tree}", "data.n_classes=3", "data.image_size=16"]
     clf = tmp_path / "clf.safetensors"
     out = run_script("train_classifier.py", "--dataset", "folder", "--root", tree, "--image-size", "16", "--out", clf,
-                     "--target-steps", "30", "--batch", "16", "--no-progress")
-    assert "test accuracy" in out.stdout and "epoch 10/10" in out.stdout  # 33 images / 16 = 3 batches -> floor 10
+                     "--target-steps", "60", "--batch", "16", "--no-progress")
+    assert "test accuracy" in out.stdout and "epoch 20/20" in out.stdout  # 33 images / 16 = 3 batches per epoch
     from sfd_ddpm.classifiers import classifier_quality_note, read_classifier_metadata
     meta = read_classifier_metadata(clf)
     assert meta["class_names"] == CLASSES and meta["n_classes"] == 3 and meta["image_size"] == 16
