@@ -156,6 +156,8 @@ def test_sfd_override_accepts_modes_names_and_mappings():
         assert load_config(None, [f"sfd.override={value}"])["sfd"]["override"] == parsed
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_pretrain_sfd_classifier_and_evaluation_through_a_folder(tree, tmp_path):
     """The entry scripts on a folder, as a user runs them: classifier, pretraining, SFD forgetting a class
     by folder name, sampling, held-out references, UA and classifier FID with the folder's class names."""
@@ -225,6 +227,7 @@ def bad_tree(kind: str, tmp_path):
     return root
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind,extra,message", [
     ("missing", [], "not found"),
     ("empty", [], "holds no class sub-folders"),
@@ -241,6 +244,7 @@ def test_bad_folders_fail_with_a_message_and_write_nothing(tmp_path, kind, extra
     assert not outdir.exists() or not any(outdir.iterdir())
 
 
+@pytest.mark.subprocess
 def test_bad_folder_and_unknown_forget_name_in_the_other_scripts(tmp_path):
     proc = run_script("train_classifier.py", "--dataset", "folder", "--root", tmp_path / "nowhere", "--out",
                       tmp_path / "c.safetensors", check=False)
