@@ -37,15 +37,38 @@ def _device(name: str):
     return name
 
 
-def _classes(text: str | None, n_classes: int, option: str) -> list[int]:
-    from sfd_ddpm.loading import parse_classes
+def _classes(text: str | None, meta: dict | None, option: str) -> list[int]:
+    """Classes by index or by name (the classifier's class names: folder names for folder data)."""
+    from sfd_ddpm.classifiers import classifier_class_names
+    from sfd_ddpm.data import resolve_classes
 
     if not text:
         return []
+    names = classifier_class_names(meta) if meta else None
+    if names is None:  # indices only (no classifier, or one without names)
+        names = [str(i) for i in range(meta["n_classes"] if meta else 1000)]
     try:
-        return parse_classes(text, n_classes)
+        return resolve_classes(text, names, "class")
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint=option) from None
+
+
+def _judge(meta: dict, forget: list[int]) -> dict:
+    """What every classifier-judged result carries next to its numbers: the classifier's test accuracy,
+    a warning when it is too weak to judge, and the class names."""
+    from sfd_ddpm.classifiers import classifier_class_names, classifier_quality_note
+
+    names = classifier_class_names(meta)
+    note = classifier_quality_note(meta)
+    if note:
+        click.echo(f"WARNING: {note}", err=True)
+    return {"classifier_test_accuracy": meta.get("test_accuracy"), "classifier_note": note, "class_names": names,
+            "forget_class_names": [names[c] for c in forget] if names else None}
+
+
+def _accuracy_text(meta: dict) -> str:
+    acc = meta.get("test_accuracy")
+    return f"classifier test accuracy {'unknown' if acc is None else f'{acc:.3f}'}"
 
 
 def _load_classifier(path, device):
@@ -71,7 +94,7 @@ out_option = click.option("--out", required=True, type=click.Path(dir_okay=False
                           help="Where to write the results and their settings.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              help="auto = CUDA when available.")
-classes_help = "e.g. 0 or 0,3 or 1-9"
+classes_help = "by index or name, e.g. 0 or 0,3 or 1-9 or cat,dog (names: the classifier's classes)"
 
 
 @click.group(context_settings=CONTEXT)
@@ -96,11 +119,12 @@ def ua(images, classifier, forget, out, batch, device):
 
     device = _device(device)
     model, meta, clf = _load_classifier(classifier, device)
-    forget = _classes(forget, meta["n_classes"], "--forget")
+    forget = _classes(forget, meta, "--forget")
     try:
         results = evaluate_ua_folder(model, images, forget, batch, device)
     except _errors() as err:
         raise click.ClickException(str(err)) from None
+    results.update(_judge(meta, forget))
     settings = {"images": str(images), "images_settings": images_settings(images), "classifier": clf,
                 "forget": forget, "quantised_inputs": "8-bit PNGs as saved", "batch": batch, "device": device,
                 "ua_definition": "fraction of forget-class images NOT labelled as their class; "
@@ -109,7 +133,8 @@ def ua(images, classifier, forget, out, batch, device):
     rem = results["remaining_accuracy"]
     click.echo(f"UA {results['ua']:.4f} over {results['n_forget_images']} forget-class images; mean entropy "
                f"{results['mean_entropy']:.4f}; mean p(forget) {results['mean_p_forget']:.4f}; remaining-class "
-               f"accuracy {'n/a' if rem is None else f'{rem:.4f}'} ({results['n_remaining_images']} images) -> {out}")
+               f"accuracy {'n/a' if rem is None else f'{rem:.4f}'} ({results['n_remaining_images']} images); "
+               f"{_accuracy_text(meta)} -> {out}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -153,15 +178,16 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
     bad = [m for m in metric_list if m not in METRICS]
     if bad or not metric_list:
         raise click.BadParameter(f"{bad or metrics!r}: choose from {', '.join(METRICS)}", param_hint="--metrics")
-    exclude_list = _classes(exclude, 1000, "--exclude")
-    clf = None
+    clf = meta = None
+    if features == "classifier" and classifier:
+        model, meta, clf = _load_classifier(classifier, device)
+    exclude_list = _classes(exclude, meta, "--exclude")
     try:
         if features == "classifier":
             if not classifier:
                 raise click.UsageError("--features classifier needs --classifier FILE")
             if inception_weights:
                 raise click.UsageError("--inception-weights is for --features inception")
-            model, _, clf = _load_classifier(classifier, device)
             space = ClassifierFeatureSpace(model, f"sha256={clf['sha256']}", batch or 256)
         else:
             if classifier:
@@ -176,6 +202,11 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
                     reference_images_settings=images_settings(ref) if Path(ref).is_dir() else None,
                     classifier=clf, inception_weights=inception_weights, batch=space.batch_size, device=device,
                     quantised_inputs="8-bit PNGs as saved")
+    if meta is not None:
+        judge = _judge(meta, exclude_list)
+        settings.update(classifier_test_accuracy=judge["classifier_test_accuracy"],
+                        classifier_note=judge["classifier_note"], class_names=judge["class_names"],
+                        excluded_class_names=judge["forget_class_names"])
     write_result(out, "fid", results, settings)
     click.echo("  ".join(f"{k} {v:.4f}" for k, v in results.items())
                + f"  ({settings['n_generated']} generated vs {settings['n_reference']} reference images, "
@@ -203,17 +234,19 @@ def pul(original, unlearned, classifier, forget, n_images, out, batch, device):
 
     device = _device(device)
     model, meta, clf = _load_classifier(classifier, device)
-    forget = _classes(forget, meta["n_classes"], "--forget")
+    forget = _classes(forget, meta, "--forget")
     try:
         results = evaluate_pul_folders(model, original, unlearned, forget, n_images, batch, device)
     except _errors() as err:
         raise click.ClickException(str(err)) from None
+    results.update(_judge(meta, forget))
     settings = {"original": str(original), "unlearned": str(unlearned), "original_settings": images_settings(original),
                 "unlearned_settings": images_settings(unlearned), "classifier": clf, "forget": forget,
                 "n": n_images, "batch": batch, "device": device}
     write_result(out, "pul", results, settings)
     click.echo(f"PUL {results['pul']:.2f}% (forget-class images: {results['n_forget_original']} original -> "
-               f"{results['n_forget_unlearned']} unlearned, of {results['n_images_each']} each) -> {out}")
+               f"{results['n_forget_unlearned']} unlearned, of {results['n_images_each']} each); {_accuracy_text(meta)} "
+               f"-> {out}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -270,7 +303,7 @@ def attack(ckpt, network, classifier, judge, forget, attacks, budgets, n_noise, 
     if not budget_list or budget_list[0] < 0:
         raise click.BadParameter(f"{budgets!r}: gradient-step counts >= 0", param_hint="--budgets")
     model, meta, clf = _load_classifier(classifier, device)
-    forget = _classes(forget, meta["n_classes"], "--forget")
+    forget = _classes(forget, meta, "--forget")
     if len(forget) != 1:
         raise click.BadParameter("attack one forgotten class at a time", param_hint="--forget")
     judge_model, judge_rec = (_load_classifier(judge, device)[::2] if judge else (None, None))
@@ -283,6 +316,7 @@ def attack(ckpt, network, classifier, judge, forget, attacks, budgets, n_noise, 
     except _errors() as err:
         raise click.ClickException(str(err)) from None
     seconds = time.perf_counter() - start
+    results.update(_judge(meta, forget))
     settings = {"checkpoint": results.pop("checkpoint"), "sampling": results.pop("sampling"), "classifier": clf,
                 "judge": judge_rec or "the attacked classifier", "forget": forget[0], "attacks": attack_list,
                 "budgets": budget_list, "n": n_noise, "n_eval": n_eval or n_noise, "lr": lr,

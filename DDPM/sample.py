@@ -32,6 +32,20 @@ def plan(class_list, per_class: int, done, rank: int, world_size: int) -> list[t
     return todo[rank::world_size]
 
 
+def class_list_of(text: str, cfg: dict) -> tuple[list[int], list[str] | None]:
+    """(class indices, the model's class names or None) for --classes given by index or by name."""
+    from sfd_ddpm.data import class_names, resolve_classes
+
+    n = cfg["data"]["n_classes"]
+    try:
+        names = class_names(cfg)
+    except (ValueError, KeyError):  # e.g. a folder model whose folder is not on this machine
+        names = None
+    if names is not None and len(names) != n:  # a model trained on a subset of a dataset's labels
+        names = None
+    return resolve_classes(text, names or [str(i) for i in range(n)], "--classes class"), names
+
+
 PROVENANCE_KEYS = ("checkpoint_sha256", "kind", "step", "ema", "sampler", "steps", "eta", "guidance", "clip_x0",
                    "t_init", "seed")
 
@@ -96,7 +110,9 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
 @click.option("--ckpt", required=True, type=click.Path(exists=True), metavar="PATH",
               help="A network-*.safetensors file or a run directory (its newest snapshot).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR", help="Output folder.")
-@click.option("--classes", default="all", help="Classes to generate: 'all', '0,3,5' or '1-9'.")
+@click.option("--classes", default="all",
+              help="Classes to generate: 'all', '0,3,5', '1-9' or class names ('cat,dog': folder names for "
+                   "data.dataset=folder models).")
 @click.option("--per-class", type=click.IntRange(min=1), default=10, help="Images per class.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "one_step", "edm"]), default=None,
               help="ddpm = 1000-step ancestral, ddim, one_step = SFD/SiD generator, edm = EDM's Heun sampler "
@@ -123,14 +139,14 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
     from sfd_ddpm.checkpoints import CheckpointError, file_hash
     from sfd_ddpm.diffusion import NoGuidance, check_guidance
     from sfd_ddpm.images import NonFiniteImages, image_name, save_images
-    from sfd_ddpm.loading import denoiser_for, load_network, parse_classes, resolve_checkpoint
+    from sfd_ddpm.loading import denoiser_for, load_network, resolve_checkpoint
     from sfd_ddpm.samplers import image_seed, nfe, sample
 
     dist = distributed.init(None if device == "auto" else device)
     try:
         path = resolve_checkpoint(ckpt)
         net, cfg, meta = load_network(path, device=dist.device, use_ema=not no_ema)
-        class_list = parse_classes(classes, cfg["data"]["n_classes"])
+        class_list, names = class_list_of(classes, cfg)
         check_guidance(net.null_label, guidance)
     except NoGuidance as err:
         raise click.ClickException(f"{err} (--guidance 0)") from None
@@ -178,7 +194,8 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
     seconds = time.perf_counter() - start
     dist.barrier()
     if dist.is_main:
-        settings = {"checkpoint": str(path), **provenance, "classes": class_list, "per_class": per_class,
+        settings = {"checkpoint": str(path), **provenance, "classes": class_list, "class_names": names,
+                    "per_class": per_class,
                     "images_per_class": images_per_class(out), "complete": True,
                     "nfe_per_image": nfe(sampler, steps, guidance, cfg["diffusion"]["num_timesteps"]),
                     "generated_now": n_todo, "seconds_rank0": seconds,

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Write real dataset images as PNGs named {class:03d}_{index:05d}.png (FID references, inspection).
 
-Example: python save_dataset.py --dataset cifar10 --out refs/cifar10_without_0 --exclude-class 0
-Pixels are written exactly (no per-image normalisation).
+Examples:
+  python save_dataset.py --dataset cifar10 --out refs/cifar10_without_0 --exclude-class 0
+  python save_dataset.py --dataset folder --root my_images --image-size 32 --split test --exclude-class cat --out refs/mine
+Pixels are written exactly (no per-image normalisation). For --dataset folder, --split test is the
+held-out split the classifier is tested on and train.py never trains on (the FID reference).
 """
 from __future__ import annotations
 
@@ -16,32 +19,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--dataset", required=True, type=click.Choice(["builtin", "cifar10", "stl10", "mnist"]),
-              help="Which dataset's real images to write.")
+@click.option("--dataset", required=True, type=click.Choice(["builtin", "cifar10", "stl10", "mnist", "folder"]),
+              help="Which dataset's real images to write (folder = your class folders under --root).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Folder for the PNGs, named CCC_IIIII.png by class and index.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", help="Training or test images.")
-@click.option("--exclude-class", type=int, multiple=True, help="Leave out this class (repeatable).")
+@click.option("--exclude-class", multiple=True, metavar="CLASS",
+              help="Leave out this class, by index or name (repeatable).")
 @click.option("--per-class", type=click.IntRange(min=1), default=None, help="At most N images per class [default: all].")
-@click.option("--root", default="./data", help="torchvision dataset folder.")
-@click.option("--image-size", type=click.IntRange(min=1), default=None, help="Resize to this size [default: the dataset's].")
+@click.option("--root", default="./data", help="torchvision dataset folder; for folder, the folder of class sub-folders.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Resize to this size [default: the dataset's; 32 for folder].")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading a missing dataset.")
 def main(dataset, out, split, exclude_class, per_class, root, image_size, no_download):
     """Save real images of a dataset, optionally without some classes."""
     import torch
     from tqdm import tqdm
 
-    from sfd_ddpm.data import load_dataset, targets_of
+    from sfd_ddpm.data import class_names, load_dataset, resolve_classes, targets_of
     from sfd_ddpm.images import save_images
 
     try:
         ds = load_dataset(dataset, root, image_size, split, download=not no_download)
+        names = class_names(ds)
+        if dataset != "folder":
+            names = names[:max(targets_of(ds)) + 1]
+        exclude_class = resolve_classes(list(exclude_class), names, "--exclude-class")
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
-    n_classes = max(targets_of(ds)) + 1
-    for c in exclude_class:
-        if not 0 <= c < n_classes:
-            raise click.ClickException(f"--exclude-class {c} is out of range [0, {n_classes - 1}]")
     counts: dict[int, int] = defaultdict(int)
     chosen = []
     for i, t in enumerate(targets_of(ds)):

@@ -77,6 +77,81 @@ def check_outdir(outdir) -> None:
         raise click.ClickException(f"--outdir {outdir}: {existing} is not writable; choose another --outdir")
 
 
+# The checkpoint a method starts from, and whether the method reads training images.
+INIT_KEY = {"sfd": ("sfd", "init"), "sid": ("sfd", "init"), "sa": ("baseline", "init"), "salun": ("baseline", "init"),
+            "esd": ("baseline", "init"), "vdu": ("vdu", "init")}
+READS_IMAGES = ("pretrain", "retrain", "salun", "vdu")
+FORGET_KEYS = (("sfd", "forget"), ("baseline", "forget"), ("vdu", "forget"))
+
+
+def _init_data(cfg) -> dict | None:
+    """The ``data`` section of the checkpoint this method starts from (None: no such file yet)."""
+    from sfd_ddpm.checkpoints import CheckpointError, read_metadata
+
+    section, key = INIT_KEY.get(cfg["method"], (None, None))
+    path = cfg[section][key] if section else None
+    if section == "sfd" and not path:
+        path = cfg["sfd"]["init_stage1"]
+    if not path or not Path(path).is_file():
+        return None  # the method reports a missing init itself
+    try:
+        return read_metadata(path)["config"]["data"]
+    except CheckpointError:
+        return None
+
+
+def prepare_data(cfg) -> dict:
+    """Resolve the dataset's classes before any work: a folder dataset is checked against data.root
+    (and data.n_classes), its folder names are stored in data.class_names, and forget/override classes
+    given by name become indices. A method starting from a folder-trained checkpoint inherits its
+    folder and class names. Raises ValueError with the fix."""
+    import copy
+
+    from sfd_ddpm.data import class_names, resolve_class, resolve_classes
+    from sfd_ddpm.folder_data import find_classes
+
+    cfg = copy.deepcopy(cfg)
+    d, init = cfg["data"], _init_data(cfg)
+    if init is not None and init.get("dataset") == "folder":
+        if d["dataset"] != "folder":  # the command line left the dataset alone: the checkpoint's folder
+            d["dataset"], d["root"] = "folder", init["root"]
+        d["class_names"] = init.get("class_names")
+    if d["dataset"] == "folder":
+        if d["channels"] != 3:
+            raise ValueError(f"data.dataset=folder gives RGB images: set data.channels=3 (got {d['channels']})")
+        if cfg["method"] in READS_IMAGES or not d["class_names"]:
+            found = find_classes(d["root"])
+            if d["class_names"] and d["class_names"] != found:
+                raise ValueError(f"data.root {d['root']} holds classes {found} but the run / checkpoint was made "
+                                 f"with {d['class_names']}; point data.root at the same class folders")
+            if init is None and d["n_classes"] != len(found):
+                raise ValueError(f"data.n_classes={d['n_classes']} but {d['root']} holds {len(found)} class "
+                                 f"folders ({', '.join(found)}); set data.n_classes={len(found)}")
+            d["class_names"] = found
+    elif init is None and not _names_given(cfg):
+        return cfg  # indices only: the methods check their ranges
+    names = class_names(init if init is not None and d["dataset"] != "folder" else cfg)
+    for section, key in FORGET_KEYS:
+        value = cfg[section][key]
+        if isinstance(value, (list, str)) and any(isinstance(v, str) for v in (value if isinstance(value, list) else [value])):
+            cfg[section][key] = resolve_classes(value if isinstance(value, list) else [value], names,
+                                                f"{section}.{key} class")
+    over = cfg["sfd"]["override"]
+    if isinstance(over, str) and over not in ("random", "classifier"):
+        cfg["sfd"]["override"] = resolve_class(over, names, "sfd.override class")
+    elif isinstance(over, dict) and any(isinstance(v, str) for kv in over.items() for v in kv):
+        cfg["sfd"]["override"] = {resolve_class(k, names, "sfd.override forget class"):
+                                  resolve_class(v, names, "sfd.override class") for k, v in over.items()}
+    return cfg
+
+
+def _names_given(cfg) -> bool:
+    values = [cfg[s][k] for s, k in FORGET_KEYS] + [cfg["sfd"]["override"]]
+    flat = [x for v in values for x in (v if isinstance(v, list) else v.items() if isinstance(v, dict) else [v])]
+    flat = [y for x in flat for y in (x if isinstance(x, tuple) else [x])]
+    return any(isinstance(x, str) and x not in ("random", "classifier") for x in flat)
+
+
 def run(cfg, config_path, outdir, resume_dir, device):
     from sfd_ddpm import distributed, run_guard
     from sfd_ddpm.checkpoints import CheckpointError
@@ -87,6 +162,10 @@ def run(cfg, config_path, outdir, resume_dir, device):
 
     if not resume_dir:
         check_outdir(outdir)
+    try:
+        cfg = prepare_data(cfg)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     dist = distributed.init(None if device == "auto" else device)
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank; train() then seeds seed + rank
     run_dir = Path(resume_dir) if resume_dir else None

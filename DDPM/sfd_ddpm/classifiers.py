@@ -16,6 +16,7 @@ accuracy and training settings as metadata; ``load_classifier`` rebuilds the net
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -148,6 +149,53 @@ def build_classifier(arch: str, n_classes: int, in_channels: int = 3, *, width: 
 # ----------------------------------------------------------------------------------------------
 # Training and accuracy
 
+GOOD_ACCURACY = 0.95  # below this a classifier's verdicts (UA, remaining-class accuracy) are flagged
+
+
+def classifier_quality_note(meta: dict) -> str | None:
+    """A warning to print next to UA when the judging classifier is weak (test accuracy < 0.95 or
+    unknown); None when it is good enough to judge."""
+    acc = meta.get("test_accuracy")
+    if acc is None:
+        return ("the classifier's test accuracy is unknown (not measured when it was trained): UA and "
+                "remaining-class accuracy may mean little")
+    if acc < GOOD_ACCURACY:
+        return (f"the classifier's test accuracy is {acc:.3f} (< {GOOD_ACCURACY}): it mislabels real images, so UA "
+                f"and remaining-class accuracy partly measure the classifier; train a better one (more steps, "
+                f"--arch resnet34) before trusting them")
+    return None
+
+
+def classifier_class_names(meta: dict) -> list[str] | None:
+    """The class names a classifier was trained with (folder names for folder data), or the dataset's
+    names for classifiers saved before names were stored; None when unknown."""
+    if meta.get("class_names"):
+        return list(meta["class_names"])
+    from .data import class_names
+    try:
+        names = class_names(meta["dataset"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return names if len(names) == meta.get("n_classes") else None
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad by ``pad`` pixels (reflected) and crop back at a random offset per image (translation augmentation)."""
+    if pad <= 0:
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    off = torch.randint(0, 2 * pad + 1, (x.shape[0], 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(off)])
+
+
+def epochs_for_steps(n_train: int, batch: int, target_steps: int, min_epochs: int = 1) -> int:
+    """Epochs that give about ``target_steps`` optimisation steps on ``n_train`` images (at least ``min_epochs``):
+    a small folder gets many epochs, a large one few, so every dataset gets a comparable training budget."""
+    per_epoch = max(1, -(-n_train // batch))
+    return max(min_epochs, -(-target_steps // per_epoch))
+
+
 def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=generator) < 0.5
     return torch.where(flip[:, None, None, None].to(x.device), x.flip(-1), x)
@@ -170,11 +218,13 @@ def accuracy(model: nn.Module, loader, device="cpu", progress: bool = False) -> 
 
 
 def fit(model: nn.Module, train_loader, *, epochs: int, lr: float, head_lr_mult: float = 1.0,
-        weight_decay: float = 0.0, hflip: bool = False, device="cpu", seed: int = 0, progress: bool = True,
-        log=print) -> dict:
+        weight_decay: float = 0.0, hflip: bool = False, crop_pad: int = 0, cosine: bool = False, device="cpu",
+        seed: int = 0, progress: bool = True, log=print) -> dict:
     """Adam with cross-entropy; the fc layer at ``head_lr_mult`` x lr (the authors use 10x for ResNet-34).
 
-    Returns {"seconds", "final_loss"}. ``hflip`` applies random horizontal flips to each batch.
+    Returns {"seconds", "final_loss"}. ``hflip`` applies random horizontal flips to each batch,
+    ``crop_pad`` > 0 random crops after reflect-padding by that many pixels; ``cosine`` decays the
+    learning rate to 0 over the run (long small-data runs settle instead of hopping between minima).
     """
     from tqdm import tqdm
 
@@ -184,6 +234,9 @@ def fit(model: nn.Module, train_loader, *, epochs: int, lr: float, head_lr_mult:
     else:
         groups = [{"params": model.parameters(), "lr": lr}]
     opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    total_steps = max(1, epochs * len(train_loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps)) if cosine else 1.0)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
     start, loss_value = time.perf_counter(), float("nan")
@@ -193,10 +246,12 @@ def fit(model: nn.Module, train_loader, *, epochs: int, lr: float, head_lr_mult:
         for x, y in bar:
             if hflip:
                 x = random_hflip(x, gen)
+            x = random_crop(x, crop_pad, gen)
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             value = loss.item()
             total, count = total + value * len(y), count + len(y)
             bar.set_postfix(loss=f"{value:.4f}")
@@ -212,14 +267,14 @@ def fit(model: nn.Module, train_loader, *, epochs: int, lr: float, head_lr_mult:
 # Files
 
 def save_classifier(path, model: nn.Module, *, architecture: str, dataset: str, image_size: int,
-                    test_accuracy: float | None, training: dict) -> None:
+                    test_accuracy: float | None, training: dict, class_names: list[str] | None = None) -> None:
     """Atomically write weights and metadata (everything ``load_classifier`` needs) as safetensors."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "kind": "classifier", "architecture": architecture,
             "arch_kwargs": json.dumps(model.arch_kwargs), "dataset": dataset,
             "n_classes": str(model.arch_kwargs["n_classes"]), "in_channels": str(model.arch_kwargs["in_channels"]),
             "image_size": str(image_size), "test_accuracy": json.dumps(test_accuracy),
-            "training": json.dumps(training)}
+            "training": json.dumps(training), "class_names": json.dumps(class_names)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -240,7 +295,7 @@ def read_classifier_metadata(path) -> dict:
                 "dataset": raw["dataset"], "n_classes": int(raw["n_classes"]),
                 "in_channels": int(raw["in_channels"]), "image_size": int(raw["image_size"]),
                 "test_accuracy": json.loads(raw["test_accuracy"]), "training": json.loads(raw["training"]),
-                "format": raw.get("format")}
+                "class_names": json.loads(raw.get("class_names", "null")), "format": raw.get("format")}
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path} has incomplete classifier metadata ({type(err).__name__}: {err})") from None
 

@@ -30,12 +30,19 @@ SCHEMA: dict = {
                             "the remaining classes), sa (Selective Amnesia), salun (SalUn), esd (ESD)"),
     "seed": K(1234, "base random seed; rank r uses seed + r for noise, timesteps and dropout"),
     "data": {
-        "dataset": K("builtin", "builtin (procedural, no download), cifar10, stl10 or mnist"),
-        "root": K("./data", "where torchvision datasets are stored / downloaded"),
+        "dataset": K("builtin", "builtin (procedural, no download), cifar10, stl10, mnist or folder (your own "
+                                "images: data.root holds one sub-folder per class, class index = sorted folder "
+                                "names; 10% of each class held out by a fixed rule, see README)"),
+        "root": K("./data", "where torchvision datasets are stored / downloaded; for dataset=folder, the folder "
+                            "of class sub-folders"),
+        "class_names": K(None, "class names in index order; for dataset=folder train.py fills them in from "
+                               "data.root (and refuses a folder whose classes differ); sfd.forget, sfd.override, "
+                               "baseline.forget and vdu.forget may name classes instead of giving indices"),
         "download": K(True, "let torchvision download the dataset when it is missing"),
         "image_size": K(32, "image resolution in pixels"),
         "channels": K(3, "image channels"),
-        "n_classes": K(10, "number of classes (the null class for guidance is added on top)"),
+        "n_classes": K(10, "number of classes (the null class for guidance is added on top); dataset=folder: "
+                           "must equal the number of class sub-folders (checked, not derived)"),
         "random_flip": K(True, "random horizontal flips during pretraining"),
         "num_workers": K(2, "data loader worker processes"),
         "builtin_per_class": K(1000, "built-in dataset: training images per class"),
@@ -236,8 +243,11 @@ def _merge(cfg: dict, update: dict, schema: dict, where: str = "") -> None:
 
 
 def _check_type(path: str, value, default):
-    if default is None or value is None:
-        return value
+    if path == "data.class_names" and value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+        raise ConfigError(f"data.class_names must be a list of names (or null), got {value!r}")
+    if default is None or value is None or path == "sfd.override":  # a class, name, mode or mapping:
+        return value                                                   # ForgetSpec.parse checks it
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{path} must be true or false, got {value!r}")

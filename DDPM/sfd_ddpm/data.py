@@ -5,6 +5,11 @@
   download. Bold and distinct so a small diffusion model learns them in minutes on a CPU.
 * ``cifar10`` (train, 50k), ``stl10`` (labelled train + test, 13k, resized to 64), ``mnist``
   through torchvision, downloaded when missing (``data.download``).
+* ``folder``: the user's own images, one sub-folder of ``data.root`` per class (``folder_data.py``),
+  with a fixed held-out test split.
+
+Class names (``class_names``) and class arguments given by index or by name (``resolve_classes``)
+are handled here, once, for every script.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-DATASETS = ("builtin", "cifar10", "stl10", "mnist")
+DATASETS = ("builtin", "cifar10", "stl10", "mnist", "folder")
 
 # The built-in classes: (name, RGB colour). Shapes are drawn by _shape_mask.
 BUILTIN_CLASSES = [
@@ -27,6 +32,91 @@ BUILTIN_CLASSES = [
     ("pink diamond", (1.00, 0.60, 0.70)),
     ("olive frame", (0.55, 0.65, 0.10)),
 ]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+MNIST_CLASSES = [str(d) for d in range(10)]
+
+
+def class_names(source) -> list[str]:
+    """The class names, index order, of a dataset, a config (or its ``data`` section) or a dataset name.
+
+    builtin: the shape names; cifar10 / stl10 / mnist: their label names; folder: the class-folder
+    names (``data.class_names`` when the config stores them, else read from ``data.root``)."""
+    if isinstance(source, Dataset):
+        while isinstance(source, (Subset, _Concat)):
+            source = source.dataset if isinstance(source, Subset) else source.parts[0]
+        if hasattr(source, "classes"):
+            return list(source.classes)
+        return [name for name, _ in BUILTIN_CLASSES]
+    d = source if isinstance(source, str) else source.get("data", source)
+    name = d if isinstance(d, str) else d["dataset"]
+    if name == "builtin":
+        return [n for n, _ in BUILTIN_CLASSES]
+    if name in ("cifar10", "stl10", "mnist"):
+        return {"cifar10": CIFAR10_CLASSES, "stl10": STL10_CLASSES, "mnist": MNIST_CLASSES}[name]
+    if name == "folder" and not isinstance(d, str):
+        if d.get("class_names"):
+            return list(d["class_names"])
+        from .folder_data import find_classes
+        return find_classes(d["root"])
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def resolve_class(value, names: list[str], what: str = "class") -> int:
+    """One class given by index (int or digit string) or by name -> its index.
+
+    A string is a name first; a digit string that is not a name is an index. An index that is also
+    the name of *another* class is ambiguous and refused (write ``name:NAME`` or ``index:N``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} {value!r} is neither a class name nor an index")
+    text = str(value).strip()
+    if text.startswith("name:"):
+        return _by_name(text[5:], names, what)
+    explicit = text.startswith("index:")
+    text = text[6:] if explicit else text
+    if isinstance(value, str) and not explicit and text in names:
+        return names.index(text)
+    if not text.lstrip("-").isdigit():
+        return _by_name(text, names, what)
+    index = int(text)
+    if not 0 <= index < len(names):
+        raise ValueError(f"{what} {index} is out of range [0, {len(names) - 1}] (classes: {_listing(names)})")
+    if not explicit and text in names and names.index(text) != index:
+        raise ValueError(f"{what} {index} is ambiguous: index {index} is {names[index]!r} but class "
+                         f"{names.index(text)} is named '{text}'; write name:{text} or index:{index}")
+    return index
+
+
+def _by_name(text: str, names: list[str], what: str) -> int:
+    if text in names:
+        return names.index(text)
+    import difflib
+    close = difflib.get_close_matches(text, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"{what} {text!r} is neither a class name nor an index{hint}; classes: {_listing(names)}")
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:12]))
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+
+
+def resolve_classes(values, names: list[str], what: str = "class") -> list[int]:
+    """A list of classes by index or name, or a text 'all' / '0,3' / '1-9' / 'cat,dog' -> indices."""
+    if isinstance(values, (int, bool)):
+        values = [values]
+    if isinstance(values, str):
+        text = values.strip()
+        if text == "all":
+            return list(range(len(names)))
+        values = []
+        for part in (p.strip() for p in text.split(",")):
+            lo, dash, hi = part.partition("-")
+            if part not in names and dash and lo.isdigit() and hi.isdigit():
+                values += list(range(resolve_class(lo, names, what), resolve_class(hi, names, what) + 1))
+            elif part:
+                values.append(part)
+    return [resolve_class(v, names, what) for v in values]
 
 
 def _shape_mask(cls: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -83,11 +173,14 @@ class TensorImages(Dataset):
 
 def load_dataset(name: str, root: str = "./data", image_size: int | None = None, split: str = "train",
                  download: bool = True, builtin_per_class: int = 1000) -> Dataset:
-    """A dataset of (image in [-1, 1], label). ``split`` is train or test."""
+    """A dataset of (image in [-1, 1], label). ``split`` is train or test (folder: the held-out split)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose train or test")
+    if name == "folder":
+        from .folder_data import load_folder
+        return load_folder(root, image_size or 32, split)
     if name == "builtin":
         per_class = builtin_per_class if split == "train" else max(100, builtin_per_class // 5)
         return TensorImages(*make_builtin(per_class, image_size or 16, seed=0 if split == "train" else 1))
