@@ -16,7 +16,11 @@ and attack. Every number in the table is a mean with a two-sided 95% Student-t i
 seeds, so it covers the spread of the unlearning run and of sampling together; a difference is
 marked only where intervals separate (protocol.RULE). Writes OUTDIR/compare.json and compare.md.
 
-The teacher and classifier of `make demo` (runs/demo) are reused when present. The table reports
+--data-root DIR compares on your own class folder instead (see README "Your own images"): the
+classifier, the teacher and every method train on the folder (its data overrides), FID uses its
+held-out split; class 0 (the first folder name in sorted order) is forgotten into class 1.
+
+The teacher and classifier of `make demo` (runs/demo) are reused when present and trained on the same data. The table reports
 each run's wall time and its CPU time (the latter does not depend on what else ran beside it).
 """
 from __future__ import annotations
@@ -118,14 +122,25 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
 @click.option("--attack-budget", type=click.IntRange(min=1), default=ATTACK["budget"],
               help="Gradient steps of each white-box attack (the attack columns).")
 @click.option("--no-attacks", is_flag=True, help="Skip the white-box attacks (and their columns).")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Your own images instead of the built-in dataset: one sub-folder per class (class 0 = the first "
+                   "folder name in sorted order is forgotten into class 1). Use a fresh --outdir per dataset.")
+@click.option("--image-size", type=click.IntRange(min=8), default=16,
+              help="With --data-root: images are resized and centre-cropped to this many pixels.")
 @click.option("--quick", is_flag=True, help="Tiny budget (numbers meaningless): checks the pipeline runs.")
 @click.option("--pipeline", "pipeline_spec", type=click.Path(dir_okay=False), hidden=True,
               help="Internal: run the one (method, seed) pipeline described by this JSON file.")
 def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guidance, jobs, attack_budget, no_attacks,
-         quick, pipeline_spec):
+         data_root, image_size, quick, pipeline_spec):
     """Train, sample, measure and attack every method at every seed; write compare.json and compare.md."""
     if pipeline_spec:
         return pipeline(json.loads(Path(pipeline_spec).read_text()))
+    from sfd_ddpm.demo_report import classifier_command, dataset_class_names, dataset_overrides, reuse_mismatch
+    try:
+        data_args = dataset_overrides(data_root, image_size)
+        class_names = dataset_class_names(data_root, image_size)
+    except ValueError as e:   # FolderError: empty folder, one class, ...
+        raise click.UsageError(str(e))
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -136,7 +151,7 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
     out, demo = Path(outdir).resolve(), Path(demo).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    model_args = QUICK_MODEL if quick else []
+    model_args = (QUICK_MODEL if quick else []) + data_args
     if quick:
         iters, per_class, ddim_steps = 2, 2, 2
     ref_per_class = 8 if quick else 100
@@ -145,15 +160,19 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
 
     # classifier and teacher: reuse the demo's, else train them here ----------------------------
     clf_path = demo / "classifier.safetensors"
-    if quick or not clf_path.exists():
+    if quick or not clf_path.exists() or reuse_mismatch("classifier", clf_path, data_root, image_size):
         clf_path = out / "classifier.safetensors"
         if not clf_path.exists():
             log = out / "classifier.log"
-            wait(start(["train_classifier.py", "--dataset", "builtin", "--out", clf_path,
-                        *(["--epochs", "1", "--builtin-per-class", "60"] if quick else [])], log), "classifier", log)
+            wait(start(classifier_command(clf_path, data_root, image_size, quick), log), "classifier", log)
+        elif why := reuse_mismatch("classifier", clf_path, data_root, image_size):
+            raise click.UsageError(f"{why}; give another --outdir (or delete it)")
     teacher_run = None if quick else finished_run(demo / "teacher")
-    if teacher_run is None or not (teacher_run / "network-0000800.safetensors").exists():
+    if (teacher_run is None or not (teacher_run / "network-0000800.safetensors").exists()
+            or reuse_mismatch("teacher", teacher_run, data_root, image_size)):
         teacher_run = finished_run(out / "teacher")
+        if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
+            raise click.UsageError(f"{why}; give another --outdir (or delete it)")
         if teacher_run is None:
             log = out / "teacher.log"
             wait(start(["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher", *model_args,
@@ -169,14 +188,22 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
               "guidance": guidance, "ref_per_class": ref_per_class, "attack": attack_cfg,
               "extra_w": generator_ws(names), "forget": 0, "override": 1}
     specs = [{**common, "method": name, "seed": seed, "folder": str(out / name / f"seed{seed}"),
-              **method_commands(name, seed, teacher, out / name / f"seed{seed}", iters, batch, model_args, quick)}
+              **method_commands(name, seed, teacher, out / name / f"seed{seed}", iters, batch, model_args, quick,
+                                 data_args)}
              for name in ["teacher", *names] for seed in range(seeds)]
     specs.sort(key=lambda s: ([*METHODS, "teacher"].index(s["method"]), s["seed"]))
     t0 = time.perf_counter()
     results = run_pipelines(specs, jobs)
     pipelines_seconds = time.perf_counter() - t0
 
-    report = {"forget_class": 0, "override_class": 1, "seeds": list(range(seeds)), "iters": iters, "batch": batch,
+    from sfd_ddpm.classifiers import classifier_quality_note, load_classifier
+    clf_meta = load_classifier(clf_path)[1]
+    report = {"forget_class": 0, "override_class": 1,
+              "dataset": {"name": "folder" if data_root else "builtin",
+                          "root": str(Path(data_root).resolve()) if data_root else None,
+                          "image_size": image_size if data_root else 16, "class_names": class_names},
+              "classifier_test_accuracy": clf_meta.get("test_accuracy"),
+              "classifier_warning": classifier_quality_note(clf_meta), "seeds": list(range(seeds)), "iters": iters, "batch": batch,
               "images_per_class": per_class, "reference_images_per_class": ref_per_class, "jobs": jobs, "quick": quick,
               "protocol": {"guidance": guidance, "ddim_steps": ddim_steps,
                            "interval": "mean and two-sided 95% Student-t interval over seeds (seed k: training, "
@@ -205,8 +232,10 @@ def generator_ws(names: list[str]) -> list[float]:
                    for n in names if METHODS[n][1] == "sfd.init"})
 
 
-def method_commands(name: str, seed: int, teacher, folder: Path, iters: int, batch: int, model_args, quick) -> dict:
-    """The training (and SA Fisher) command of one (method, seed); none for the teacher."""
+def method_commands(name: str, seed: int, teacher, folder: Path, iters: int, batch: int, model_args, quick,
+                    data_args=()) -> dict:
+    """The training (and SA Fisher) command of one (method, seed); none for the teacher. ``model_args``
+    (Retrain's from-scratch network and data) include ``data_args`` (the data overrides every method gets)."""
     if name == "teacher":
         return {"train": None, "fisher": None}
     config, init_key = METHODS[name]
@@ -215,7 +244,7 @@ def method_commands(name: str, seed: int, teacher, folder: Path, iters: int, bat
         extra += model_args + (["training.n_iters=2", "training.batch_size=8", "training.snapshot_every=2"]
                                if quick else [])
     else:
-        extra += [f"training.n_iters={iters}", f"training.batch_size={batch}",
+        extra += [*data_args, f"training.n_iters={iters}", f"training.batch_size={batch}",
                   f"training.snapshot_every={iters}", f"training.state_every={iters}"]
     fisher = None
     if name == "sa":
@@ -283,7 +312,7 @@ def pipeline(spec: dict) -> None:
     variants = (multi_step_variants(meta["config"], extra_w=tuple(spec["extra_w"]), **kw)
                 if spec["method"] == "teacher" else checkpoint_variants(ckpt, **kw))
     clf, _ = load_classifier(spec["classifier"])
-    ref = reference_images(spec["forget"], spec["ref_per_class"])
+    ref = reference_images(spec["forget"], spec["ref_per_class"], read_metadata(spec["teacher"])["config"]["data"])
     measured = {}
     for v in variants:
         res = sample_and_measure(ckpt, v, [seed], spec["per_class"], clf, spec["forget"], spec["override"], ref)
@@ -365,7 +394,12 @@ def markdown(r: dict) -> str:
     p = r["protocol"]
     atk = r.get("attack_settings")
     seeded = "sampling and attack" if atk else "sampling"
-    lines = [f"# Unlearning methods on the built-in dataset (forget class 0)\n",
+    d = r.get("dataset") or {"name": "builtin", "class_names": None}
+    where = "the built-in dataset" if d["name"] == "builtin" else f"the class folder {d['root']}"
+    names = d["class_names"]
+    acc = r.get("classifier_test_accuracy")
+    lines = [f"# Unlearning methods on {where} (forget class 0"
+             + (f", {names[0]}, into 1, {names[1]}" if names else "") + ")\n",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "
              f"Retrain: builtin_retrain.yaml from scratch. Every cell is the mean ± the half-width of a two-sided 95% "
              f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, {seeded} seed k; the "
@@ -375,7 +409,10 @@ def markdown(r: dict) -> str:
              f"names steps, w and NFE. FID = classifier-feature FID of the remaining classes against "
              f"{r['reference_images_per_class']} real test images per class (not Inception FID). {r['jobs']} pipelines "
              f"ran at a time, so wall times include contention; CPU seconds do not. Total {r['seconds']:.0f} s."
-             + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else ""), ""]
+             + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else "")
+             + ("" if acc is None else f" The judging classifier's test accuracy on real test images: {acc:.3f}."), ""]
+    if r.get("classifier_warning"):
+        lines += [f"**WARNING: {r['classifier_warning']}.**", ""]
     if atk:
         lines += [f"Attack columns: share of attacked images the classifier labels class 0 after {atk['budget']} "
                   f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole SFD pipeline on the built-in dataset, end to end, with no network (`make demo`).
+"""The whole SFD pipeline on the built-in dataset (or your class folder), end to end, with no network (`make demo`).
 
 classifier -> pretrained teacher (reused when already there) -> two SFD runs forgetting class 0 into 1,
 side by side (one thread each): builtin_sfd.yaml distils the unguided teacher (the authors' DDPM
@@ -8,6 +8,10 @@ sfd_ddpm/protocol.py (the teacher unguided and guided, each generator one step a
 sampling seeds -> UA, remaining-class accuracy and classifier-feature FID, each a mean with a 95%
 interval over the seeds -> report.json, report.md, a picture of every model's samples and the curves
 of both SFD runs (from their snapshots). Every stage is timed.
+
+--data-root DIR runs the same pipeline on your own images (one sub-folder per class, see README "Your own
+images"): the classifier with the folder recipe, the teacher and both SFD runs with the folder's
+data overrides, FID against the folder's held-out split, class names from the folder names.
 
 The training stages run the real entry scripts (train_classifier.py, train.py), so the commands it
 prints are the ones a user would type.
@@ -76,8 +80,13 @@ def finished_run(parent: Path, final: str) -> Path | None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--outdir", type=click.Path(file_okay=False), default="../runs/demo", help="Where everything goes.")
-@click.option("--forget", type=click.IntRange(0, 9), default=0, help="Class to forget.")
-@click.option("--override", type=click.IntRange(0, 9), default=1, help="Override class the teacher is asked for.")
+@click.option("--forget", default="0", help="Class to forget: an index or a class name (a folder name with --data-root).")
+@click.option("--override", default="1", help="Override class the teacher is asked for (index or name).")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Your own images instead of the built-in dataset: a folder with one sub-folder per class "
+                   "(class index = sorted folder names). Use a fresh --outdir per dataset.")
+@click.option("--image-size", type=click.IntRange(min=8), default=16,
+              help="With --data-root: images are resized and centre-cropped to this many pixels.")
 @click.option("--quick", is_flag=True, help="Tiny budget (seconds; numbers meaningless): checks the pipeline runs.")
 @click.option("--retrain-teacher", is_flag=True, help="Pretrain a new teacher even if one is present.")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default="ddpm",
@@ -92,8 +101,18 @@ def finished_run(parent: Path, final: str) -> Path | None:
               help="Config of the second SFD run, the one that distils the guided teacher. Default: "
                    "configs/builtin_sfd_guided.yaml (ddpm backbone; none exists for edm, whose guided run is "
                    "skipped with the reason in the report).")
-def main(outdir, forget, override, quick, retrain_teacher, backbone, guidance, sampling_seeds, guided_config):
-    """Pretrain, forget, sample, evaluate and report on the built-in dataset."""
+def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher, backbone, guidance, sampling_seeds,
+         guided_config):
+    """Pretrain, forget, sample, evaluate and report on the built-in dataset (or --data-root)."""
+    from sfd_ddpm.data import resolve_class
+    from sfd_ddpm.demo_report import classifier_command, dataset_class_names, dataset_overrides, reuse_mismatch
+    try:
+        names = dataset_class_names(data_root, image_size)
+        data_args = dataset_overrides(data_root, image_size)
+        forget = resolve_class(forget, names, "--forget")
+        override = resolve_class(override, names, "--override")
+    except ValueError as e:   # FolderError is one: empty folder, one class, unknown class
+        raise click.UsageError(str(e))
     if forget == override:
         raise click.BadParameter("the override class must differ from the forget class", param_hint="--override")
     budget = dict(QUICK if quick else FULL)
@@ -110,18 +129,21 @@ def main(outdir, forget, override, quick, retrain_teacher, backbone, guidance, s
     t0 = time.perf_counter()
     clf_path = out / "classifier.safetensors"
     if not clf_path.exists():
-        run(["train_classifier.py", "--dataset", "builtin", "--out", clf_path,
-             *(["--epochs", "1", "--builtin-per-class", "60"] if quick else [])])
+        run(classifier_command(clf_path, data_root, image_size, quick))
+    elif why := reuse_mismatch("classifier", clf_path, data_root, image_size):
+        raise click.UsageError(f"{why}; give another --outdir (or delete it)")
     seconds["classifier"] = time.perf_counter() - t0
 
     # 2. teacher -----------------------------------------------------------------------------
     t0 = time.perf_counter()
     from sfd_ddpm.config import load_config
-    teacher_cfg = load_config(TREE / teacher_yaml, budget["teacher"])
+    teacher_cfg = load_config(TREE / teacher_yaml, budget["teacher"] + data_args)
     final = f"network-{teacher_cfg['training']['n_iters']:07d}.safetensors"
     teacher_run = None if retrain_teacher else finished_run(out / "teacher", final)
+    if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
+        raise click.UsageError(f"{why}; give another --outdir or --retrain-teacher")
     if teacher_run is None:
-        run(["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *budget["teacher"]])
+        run(["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *budget["teacher"], *data_args])
         teacher_run = finished_run(out / "teacher", final)
     else:
         click.echo(f"reusing the teacher in {teacher_run}", err=True)
@@ -142,7 +164,7 @@ def main(outdir, forget, override, quick, retrain_teacher, backbone, guidance, s
     for name, yaml in configs.items():
         shutil.rmtree(out / name, ignore_errors=True)
         jobs[name] = ["train.py", "--config", yaml, "--outdir", out / name, f"sfd.init={teacher_ckpt}",
-                      f"sfd.forget=[{forget}]", f"sfd.override={override}", *budget["sfd"]]
+                      f"sfd.forget=[{forget}]", f"sfd.override={override}", *budget["sfd"], *data_args]
     timing = run_parallel(jobs, out)
     titles = {"sfd": "SFD", "sfd_guided": "SFD guided"}
     sfd_runs = {name: {"run": next((out / name).iterdir()), "config": yaml, "title": titles[name], **timing[name]}

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoints import file_hash
 from .classifiers import load_classifier
-from .data import BUILTIN_CLASSES, load_dataset
+from .data import class_names, load_dataset
 from .images import save_images
 from .loading import denoiser_for, load_network
 from .metrics.fid import classifier_fid
@@ -41,11 +41,65 @@ def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0
     return x, labels, rate, nfe(sampler, steps, guidance, cfg["diffusion"]["num_timesteps"])
 
 
-def reference_images(forget: int, per_class: int) -> torch.Tensor:
-    """Real built-in test images of the remaining classes (the FID reference)."""
-    ds = load_dataset("builtin", split="test", image_size=16)
-    keep = [i for c in range(10) if c != forget for i in [j for j, t in enumerate(ds.targets) if t == c][:per_class]]
-    return ds.images[keep]
+def reference_images(forget: int, per_class: int, data: dict | None = None) -> torch.Tensor:
+    """Real test images of the remaining classes, the first ``per_class`` of each (the FID reference).
+    ``data``: the teacher config's data section (None = the built-in dataset at 16 px); a class folder's
+    test images are its fixed held-out split."""
+    data = data or {"dataset": "builtin", "image_size": 16}
+    ds = load_dataset(data["dataset"], root=data.get("root") or "./data", image_size=data["image_size"], split="test",
+                      download=False)
+    targets = [int(t) for t in ds.targets]
+    keep = [i for c in sorted(set(targets)) if c != forget for i in [j for j, t in enumerate(targets) if t == c][:per_class]]
+    return torch.stack([ds[i][0] for i in keep]) if not hasattr(ds, "images") else ds.images[keep]
+
+
+# --- the demo's and compare's data: the built-in dataset, or the user's class folder (--data-root) ---------
+
+def dataset_overrides(data_root, image_size: int) -> list[str]:
+    """The train.py overrides for the data: none for the built-in dataset (the configs' own), the class
+    folder's (dataset, root, n_classes, image size) otherwise."""
+    if data_root is None:
+        return []
+    from .folder_data import config_overrides
+    return config_overrides(data_root, image_size)
+
+
+def dataset_class_names(data_root, image_size: int) -> list[str]:
+    if data_root is None:
+        return class_names("builtin")
+    from .folder_data import find_classes
+    return find_classes(data_root)
+
+
+def classifier_command(path, data_root, image_size: int, quick: bool) -> list:
+    """train_classifier.py for the data (a folder: its recipe, sized by --target-steps)."""
+    if data_root is None:
+        return ["train_classifier.py", "--dataset", "builtin", "--out", path,
+                *(["--epochs", "1", "--builtin-per-class", "60"] if quick else [])]
+    return ["train_classifier.py", "--dataset", "folder", "--root", data_root, "--image-size", image_size, "--out", path,
+            *(["--epochs", "1"] if quick else [])]
+
+
+def reuse_mismatch(what: str, path: Path, data_root, image_size: int) -> str | None:
+    """Why the classifier file or teacher run at ``path`` was not trained on this data (None: it was), so that a
+    demo folder of one dataset is never silently reused for another."""
+    want = ("folder" if data_root else "builtin", dataset_class_names(data_root, image_size),
+            image_size if data_root else 16)
+    if what == "classifier":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        names = json.loads(meta.get("class_names") or "null") or class_names(meta["dataset"])
+        have = (meta["dataset"], names, int(meta["image_size"]))
+    else:
+        d = json.loads((path / "config.json").read_text())["data"]
+        have = (d["dataset"], class_names(d), int(d["image_size"]))
+        if data_root and d.get("root") and Path(d["root"]).resolve() != Path(data_root).resolve():
+            return f"the {what} in {path} was trained on {d['root']}, not {data_root}"
+    if have != want:
+        return (f"the {what} in {path} was trained on {have[0]} ({len(have[1])} classes, {have[2]} px), not on "
+                f"{want[0]} ({len(want[1])} classes, {want[2]} px)")
+    return None
 
 
 def measure(clf, x, labels, forget: int, override: int, ref) -> dict:
@@ -71,8 +125,10 @@ def learning_curve(sfd_run: Path, teacher_ckpt: Path, clf, forget, override, ref
     return points
 
 
-def comparison_picture(panels: list[tuple[torch.Tensor, str]], per_class: int, path: Path, show: int = 8) -> None:
-    """One panel per (images, title), one row per class (the first ``show`` images of each)."""
+def comparison_picture(panels: list[tuple[torch.Tensor, str]], per_class: int, path: Path, names: list[str],
+                       show: int = 8) -> None:
+    """One panel per (images, title), one row per class (the first ``show`` images of each), labelled by
+    ``names``."""
     show = min(show, per_class)
     import matplotlib
     matplotlib.use("Agg")
@@ -80,18 +136,18 @@ def comparison_picture(panels: list[tuple[torch.Tensor, str]], per_class: int, p
     from torchvision.utils import make_grid
 
     def grid(x):
-        rows = torch.cat([x[c * per_class:c * per_class + show] for c in range(10)])
+        rows = torch.cat([x[c * per_class:c * per_class + show] for c in range(len(names))])
         g = make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=show, padding=1, pad_value=1.0)
         return g.permute(1, 2, 0).numpy()
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 7.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 1.6 + 0.58 * len(names)), squeeze=False)
     for ax, (x, title) in zip(axes[0], panels):
         ax.imshow(grid(x), interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         size = x.shape[-1] + 1
-        ax.set_yticks([size * c + size / 2 for c in range(10)])
-        ax.set_yticklabels([f"{c}: {BUILTIN_CLASSES[c][0]}" for c in range(10)], fontsize=9)
+        ax.set_yticks([size * c + size / 2 for c in range(len(names))])
+        ax.set_yticklabels([f"{c}: {name}" for c, name in enumerate(names)], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -158,8 +214,11 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     t0 = time.perf_counter()
     seeds = list(range(budget["sampling_seeds"]))
     per_class = budget["per_class"]
+    from .classifiers import classifier_quality_note
     clf, clf_meta = load_classifier(clf_path)
-    ref = reference_images(forget, budget["ref_per_class"])
+    teacher_cfg = read_metadata(teacher_ckpt)["config"]
+    names = class_names(teacher_cfg)
+    ref = reference_images(forget, budget["ref_per_class"], teacher_cfg["data"])
     steps = {"ddim_steps": budget["ddim_steps"], "edm_steps": budget["edm_steps"]}
     generators = {}
     for name, info in sfd_runs.items():
@@ -195,17 +254,21 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     curves = {name: learning_curve(Path(info["run"]), teacher_ckpt, clf, forget, override, ref,
                                    budget["curve_per_class"]) for name, info in sfd_runs.items()}
     seconds["curves"] = time.perf_counter() - t0
-    comparison_picture(panels, per_class, out / "comparison.png")
+    comparison_picture(panels, per_class, out / "comparison.png", names)
     curve_picture({sfd_runs[n]["title"]: p for n, p in curves.items()}, out / "curve.png", forget, override)
     seconds_total = time.perf_counter() - t_all
     report = {
         "forget_class": forget, "override_class": override,
+        "dataset": {"name": teacher_cfg["data"]["dataset"], "root": teacher_cfg["data"].get("root"),
+                    "image_size": teacher_cfg["data"]["image_size"], "class_names": names},
+        "classifier_test_accuracy": clf_meta.get("test_accuracy"),
+        "classifier_warning": classifier_quality_note(clf_meta),
         "protocol": {"guidance": guidance, **steps, "sampling_seeds": seeds, "images_per_class_per_seed": per_class,
                      "reference_images_per_class": budget["ref_per_class"],
                      "interval": "mean and two-sided 95% Student-t interval over the sampling seeds (each seed's "
                                  "images measured on their own)"},
-        "fid_kind": "classifier_fid: FID in the penultimate-feature space of the built-in classifier, remaining "
-                    "classes vs real built-in test images (not Inception FID)",
+        "fid_kind": "classifier_fid: FID in the penultimate-feature space of the evaluation classifier, remaining "
+                    "classes vs real test images (not Inception FID)",
         "rows": rows, "skipped": skipped or {},
         "curves": {name: {"points": pts, "images_per_class": budget["curve_per_class"], "sampling_seed": 1}
                    for name, pts in curves.items()},
@@ -288,8 +351,15 @@ def report_markdown(r: dict) -> str:
     f, o = r["forget_class"], r["override_class"]
     skipped = "".join(f"\n\nNot run: {name} ({why})." for name, why in r["skipped"].items())
     stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items())
-    return (f"# SFD demo on the built-in dataset\n\nForget class {f} ({BUILTIN_CLASSES[f][0]}) into override {o} "
-            f"({BUILTIN_CLASSES[o][0]}).\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
+    d = r["dataset"]
+    names = d["class_names"]
+    where = "the built-in dataset" if d["name"] == "builtin" else f"{d['name']} data ({d['root'] or ''})"
+    acc = r["classifier_test_accuracy"]
+    judge = f"The evaluation classifier's test accuracy on real {where.split(' (')[0]} test images: " + (
+        "unknown" if acc is None else f"{acc:.3f}") + "." + (
+        f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
+    return (f"# SFD demo on {where}\n\nForget class {f} ({names[f]}) into override {o} "
+            f"({names[o]}). {judge}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
             f"would, and reads higher). Multi-step models are sampled unguided and guided (w = {p['guidance']:g}); "

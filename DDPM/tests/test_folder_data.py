@@ -256,3 +256,39 @@ def test_bad_folder_and_unknown_forget_name_in_the_other_scripts(tmp_path):
                       check=False)
     assert proc.returncode != 0 and "'cow' is neither a class name nor an index" in proc.stderr, proc.stderr
     assert "0=disc, 1=square" in proc.stderr
+
+
+@pytest.mark.slow  # ~1-2 min: demo.py --quick and compare.py --quick (SFD only, one seed) on a class folder
+@pytest.mark.subprocess
+def test_demo_and_compare_run_on_a_class_folder_with_its_names(tree, tmp_path):
+    out = tmp_path / "demo"
+    run_script("demo.py", "--quick", "--data-root", tree, "--forget", "stripes", "--override", "disc", "--outdir", out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["class_names"] == CLASSES and report["dataset"]["name"] == "folder"
+    assert report["forget_class"] == 2 and report["override_class"] == 0
+    assert report["classifier_test_accuracy"] is not None
+    assert (report["classifier_warning"] is None) == (report["classifier_test_accuracy"] >= 0.95)
+    md = (out / "report.md").read_text()
+    assert "Forget class 2 (stripes) into override 0 (disc)" in md and "test accuracy" in md
+    # the FID reference is the folder's held-out split: 1 image per remaining class of 12
+    from sfd_ddpm.demo_report import reference_images
+    data = json.loads((next((out / "teacher").iterdir()) / "config.json").read_text())["data"]
+    assert reference_images(2, 5, data).shape == (2, 3, 16, 16)
+    assert (out / "comparison.png").exists()
+    # a demo folder of one dataset is never silently reused for another
+    proc = run_script("demo.py", "--quick", "--outdir", out, check=False)
+    assert proc.returncode != 0 and "was trained on folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("demo.py", "--quick", "--data-root", tree, "--forget", "cow", "--outdir", tmp_path / "x",
+                      check=False)
+    assert proc.returncode != 0 and "'cow' is neither a class name nor an index" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+    cmp = tmp_path / "cmp"
+    run_script("compare.py", "--quick", "--data-root", tree, "--methods", "sfd", "--seeds", "1", "--demo", out,
+               "--outdir", cmp)
+    r = json.loads((cmp / "compare.json").read_text())
+    assert r["dataset"]["class_names"] == CLASSES and r["classifier_test_accuracy"] is not None
+    sfd = json.loads((cmp / "sfd" / "seed0" / "spec.json").read_text())["train"]
+    assert f"data.root={tree.resolve()}" in sfd and "data.n_classes=3" in sfd
+    assert "(forget class 0, disc, into 1, square)" in (cmp / "compare.md").read_text()
+    assert {row["method"] for row in r["rows"]} == {"teacher", "sfd"}
