@@ -355,7 +355,7 @@ def report_markdown(r: dict) -> str:
     names = d["class_names"]
     where = "the built-in dataset" if d["name"] == "builtin" else f"{d['name']} data ({d['root'] or ''})"
     acc = r["classifier_test_accuracy"]
-    judge = f"The evaluation classifier's test accuracy on real {where.split(' (')[0]} test images: " + (
+    judge = "The evaluation classifier's test accuracy on real held-out images: " + (
         "unknown" if acc is None else f"{acc:.3f}") + "." + (
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
     return (f"# SFD demo on {where}\n\nForget class {f} ({names[f]}) into override {o} "
