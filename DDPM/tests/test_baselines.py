@@ -195,6 +195,17 @@ def test_run_salun(tmp_path, tiny_teacher):
     assert {"forget", "remain"} <= set(log[-1])
 
 
+def test_salun_reads_real_images_at_the_teachers_size(tiny_teacher):
+    """builtin_salun.yaml names no image size (schema default 32 px); the 16-px teacher's size must win, or
+    SalUn fine-tunes a 16-px model on 32-px images (a fully convolutional UNet accepts them silently)."""
+    from sfd_ddpm import config as C, distributed
+    from sfd_ddpm.methods import get_method
+    cfg = C.load_config("configs/builtin_salun.yaml", [f"baseline.init={tiny_teacher}", "data.builtin_per_class=20"])
+    assert cfg["data"]["image_size"] == 32
+    salun = get_method("salun")(cfg, distributed.init("cpu"))
+    assert salun.remain_data[0][0].shape == salun.forget_data[0][0].shape == (3, 16, 16)
+
+
 def test_run_esd(tmp_path, tiny_teacher):
     """At the first iteration theta is the frozen model, so eps_theta(c_f) - target = (1 + eta)(eps_0(c_f) -
     eps_0(null)) on the same draws: the first logged loss scales exactly as (1 + eta)^2 with baseline.esd_eta."""

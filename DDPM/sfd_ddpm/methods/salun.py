@@ -66,6 +66,7 @@ def forget_gradients(net: torch.nn.Module, denoiser: Denoiser, batches, clip: fl
 class SalUn(FineTune):
     def __init__(self, cfg: dict, dist: Dist):
         super().__init__(cfg, dist)
+        cfg = self.cfg   # with the teacher's data shape (image size, classes), not the YAML's defaults
         d = cfg["data"]
         full = load_dataset(d["dataset"], d["root"], d["image_size"], "train", d["download"], d["builtin_per_class"])
         self.remain_data, self.forget_data = split_by_label(full, cfg["baseline"]["forget"], d["n_classes"])
