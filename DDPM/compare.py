@@ -360,10 +360,16 @@ def table_rows(results: list[dict], methods: list[str]) -> list[dict]:
     for r in rows:
         if r["variant"]["sampler"] == "one_step" and r["variant"]["w"] in teacher:
             r["distillation_target"] = teacher[r["variant"]["w"]]["label"]
-    for key, _, higher in COLUMNS + ATTACK_COLUMNS:
-        marks = column_marks([r["metrics"].get(key) if r["competes"] else None for r in rows], higher)
-        for r, mark in zip(rows, marks):
-            r.setdefault("marks", {})[key] = mark
+    # Like with like: a row competes only with the rows of its guidance scale (multi-step models sampled
+    # at w, generators distilled at w), so an unguided row is never marked against a guided one.
+    for r in rows:
+        r["marks"] = {}
+    for w in sorted({r["variant"]["w"] for r in rows}):
+        group = [r for r in rows if r["variant"]["w"] == w]
+        for key, _, higher in COLUMNS + ATTACK_COLUMNS:
+            marks = column_marks([r["metrics"].get(key) if r["competes"] else None for r in group], higher)
+            for r, mark in zip(group, marks):
+                r["marks"][key] = mark
     return rows
 
 

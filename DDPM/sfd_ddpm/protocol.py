@@ -179,7 +179,8 @@ def column_marks(cells: list[dict | None], higher_better: bool) -> list[str]:
 
 
 SEPARATED_MARK = "†"
-RULE = ("Per column, among the unlearning methods' rows: the best mean is in bold; † marks a row whose 95% "
+RULE = ("Per column, among the unlearning methods' rows of one guidance scale w (multi-step models sampled at w, "
+        "generators distilled at w; rows of different w are not compared): the best mean is in bold; † marks a row whose 95% "
         "interval does not overlap the best row's (a difference the seeds support). Rows without † are not "
         "distinguishable from the best at this number of seeds. With one seed nothing is marked †.")
 

@@ -49,18 +49,19 @@ def test_table_rows_intervals_and_marks():
     assert fid["mean"] == pytest.approx(2.1) and fid["half"] == pytest.approx(12.706 * 0.2 / 2, rel=1e-9)
     assert fid == mean_interval([2.0, 2.2])
     marks = {k: r["marks"]["classifier_fid"] for k, r in by.items()}
-    # sfd best (the teacher does not compete); esd guided overlaps it; esd unguided's interval
-    # 5.05 +- 0.635 does not reach sfd's 2.1 +- 1.27: marked
+    # rows compete only within one guidance scale. w = 0: sfd best (the teacher does not compete), esd
+    # unguided's 5.05 +- 0.635 does not reach sfd's 2.1 +- 1.27: marked. w = 2: esd guided alone, so best,
+    # although its 2.2 is worse than sfd's 2.1 (an unguided generator is not compared with a guided row)
     assert marks == {("teacher", "unguided"): "", ("teacher", "guided"): "", ("sfd", "distilled"): "best",
-                     ("esd", "unguided"): "sep", ("esd", "guided"): ""}
+                     ("esd", "unguided"): "sep", ("esd", "guided"): "best"}
     # UA: sfd's 1.0 +- 0 and esd's 0.9 +- 0: zero-width intervals that do not touch separate
-    assert by[("esd", "guided")]["marks"]["ua"] == "sep" and by[("sfd", "distilled")]["marks"]["ua"] == "best"
+    assert by[("esd", "unguided")]["marks"]["ua"] == "sep" and by[("sfd", "distilled")]["marks"]["ua"] == "best"
     # attacks are per model (both esd rows carry them); lower is better: sfd's noise attack 0.0 is best
     assert by[("esd", "unguided")]["metrics"]["noise_attack"] == mean_interval([0.5, 0.51])
     assert by[("sfd", "distilled")]["marks"]["noise_attack"] == "best"
-    assert by[("esd", "guided")]["marks"]["noise_attack"] == "sep"
+    assert by[("esd", "unguided")]["marks"]["noise_attack"] == "sep"
     # the embedding attack: sfd 0.05 +- 0.635 overlaps esd's 0.5: not marked
-    assert by[("esd", "guided")]["marks"]["embedding_attack"] == ""
+    assert by[("esd", "unguided")]["marks"]["embedding_attack"] == ""
     assert by[("sfd", "distilled")]["distillation_target"] == "teacher (ddim w=0)"
     assert by[("sfd", "distilled")]["metrics"]["train_seconds"] == mean_interval([100.0, 101.0])
 
@@ -101,8 +102,8 @@ def test_markdown_cells_marks_and_attack_columns():
         assert c[-2:] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("noise_attack", "embedding_attack")]
     assert cells[("sfd", "one_step w=0")][2] == "**2.100** ± 1.271"
     assert cells[("esd", "ddim w=0")][2] == "5.050 ± 0.635 †"
-    assert cells[("esd", "ddim w=2")][2] == "2.200 ± 1.271"
-    assert "does not overlap the best row's" in md and "teacher rows are references" in md
+    assert cells[("esd", "ddim w=2")][2] == "**2.200** ± 1.271"   # best among the w = 2 rows
+    assert "does not overlap the best row's" in md and "rows of different w are not compared" in md and "teacher rows are references" in md
     assert "sfd (one_step w=0): teacher (ddim w=0)" in md
     plain = compare.markdown(_report(rows, attack=False))
     assert "attack" not in plain
