@@ -3,7 +3,9 @@
 
 Each mutant replaces an exact piece of source text (it must occur exactly once) in a temporary copy of
 the tree (the tree itself is never touched), runs the given fast tests with ``-x`` and restores the file. A mutant *survives* when every
-test still passes. Usage (from inside DDPM/):
+test still passes. A mutant whose text no longer occurs exactly once is *stale*: the tool refuses to run
+(exit 3) and names it, so the list is kept in step with the code instead of quietly checking less
+(tests/test_mutation_lists.py runs that check in CI). Usage (from inside DDPM/):
 
   python scripts/mutation_check.py                         # the default fast tests
   python scripts/mutation_check.py tests/test_sfd.py tests/test_core.py   # a chosen set ("before")
@@ -25,18 +27,18 @@ TREE = Path(__file__).resolve().parents[1]
 
 # (file, original text, mutated text, what it breaks)
 MUTANTS = [
-    ("sfd_ddpm/losses.py", "fake_score.schedule.add_noise(x_g.detach(), t, eps)",
-     "fake_score.schedule.add_noise(x_g, t, eps)", "DSM loss without stop-grad on x_g"),
-    ("sfd_ddpm/losses.py", "(eps - fake_score.eps(x_t, t, label)).square()", "(eps - fake_score.eps(x_t, t, label)).abs()",
-     "DSM L1 instead of L2"),
+    ("sfd_ddpm/losses.py", "fake_score.loss(x_g.detach(), label, t, eps, guidance)",
+     "fake_score.loss(x_g, label, t, eps, guidance)", "DSM loss without stop-grad on x_g"),
+    ("sfd_ddpm/diffusion.py", "(eps - denoiser.eps(x_t, t, label, guidance)).square()",
+     "(eps - denoiser.eps(x_t, t, label, guidance)).abs()", "DSM L1 instead of L2"),
     ("sfd_ddpm/losses.py", ".mean(1).clamp_min(1e-5).detach()", ".mean(1).clamp_min(1e-5)", "omega carries gradient"),
     ("sfd_ddpm/losses.py", ".abs().flatten(1).mean(1).clamp_min", ".abs().flatten(1).sum(1).clamp_min", "omega sum not mean"),
     ("sfd_ddpm/losses.py", ".clamp_min(1e-5)", ".clamp_min(1e-1)", "omega clamp 1e-1"),
     ("sfd_ddpm/losses.py", "- alpha * diff", "- 1.0 * diff", "alpha forced to 1"),
-    ("sfd_ddpm/losses.py", "f_teacher = teacher(x_t, t, label_teacher)", "f_teacher = teacher(x_t, t, label_fake)",
-     "teacher at the forget label instead of the override"),
-    ("sfd_ddpm/losses.py", "f_fake = fake_score(x_t, t, label_fake)", "f_fake = fake_score(x_t.detach(), t, label_fake)",
-     "no gradient through the fake score's input"),
+    ("sfd_ddpm/losses.py", "f_teacher = teacher(x_t, t, label_teacher, teacher_guidance)",
+     "f_teacher = teacher(x_t, t, label_fake, teacher_guidance)", "teacher at the forget label instead of the override"),
+    ("sfd_ddpm/losses.py", "f_fake = fake_score(x_t, t, label_fake, fake_guidance)",
+     "f_fake = fake_score(x_t.detach(), t, label_fake, fake_guidance)", "no gradient through the fake score's input"),
     ("sfd_ddpm/methods/sfd.py", 'w_theta = [s["lambda_theta_r"]] + ([s["lambda_theta_f"]]',
      'w_theta = [s["lambda_theta_r"]] + ([s["lambda_theta_r"]]', "generator forget weight = remain weight"),
     ("sfd_ddpm/methods/sfd.py", 'w_phi = [s["lambda_phi_r"]] + ([s["lambda_phi_f"]]',
@@ -44,7 +46,8 @@ MUTANTS = [
     ("sfd_ddpm/methods/sfd.py", 'else (s["t_min"], s["t_max"])', "else (0, 1000)", "t drawn from [0, 1000)"),
     ("sfd_ddpm/methods/sfd.py", "torch.nn.utils.clip_grad_value_(net.parameters(), clip)",
      "torch.nn.utils.clip_grad_norm_(net.parameters(), clip)", "grad-norm clipping instead of value clipping"),
-    ("sfd_ddpm/methods/sfd.py", '"t": self._t(n, warm and forget)', '"t": self._t(n, warm)', "warm-up range for remain terms"),
+    ("sfd_ddpm/methods/sfd.py", '"t": self._t(n, warm and forget, phi)', '"t": self._t(n, warm, phi)',
+     "warm-up range for remain terms"),
     ("sfd_ddpm/methods/sfd.py", "warm = step < self.warmup_iters", "warm = step <= self.warmup_iters",
      "warm-up one iteration too long"),
     ("sfd_ddpm/methods/sfd.py", '"eps": torch.randn(n, *self.shape, device=dev)}', '"eps": torch.zeros(n, *self.shape, device=dev)}',
@@ -53,12 +56,12 @@ MUTANTS = [
      "batch sum instead of mean"),
     ("sfd_ddpm/methods/sfd.py", 'd["override"] if d["forget"] else d["label"] for d in terms])',
      'd["label"] for d in terms])', "teacher not at the override"),
-    ("sfd_ddpm/methods/sfd.py", 'one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.cfg["sfd"]["t_init"])',
+    ("sfd_ddpm/methods/sfd.py", 'one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.t_init)',
      'one_step(self.generator, torch.cat([d["label"] for d in terms]), z, self.cfg["sfd"]["t_max"])', "generator at t_max"),
     ("sfd_ddpm/methods/sfd.py", "ema_update(self.gen_ema, unwrap(self.gen_net), ema_decay(self.cfg, step))",
      "ema_update(self.gen_ema, unwrap(self.fake_net), ema_decay(self.cfg, step))", "EMA of the fake score"),
-    ("sfd_ddpm/methods/sfd.py", 'teacher_label, self._cat(terms, "label"), self.cfg["sfd"]["alpha"])',
-     'teacher_label, self._cat(terms, "label"), 1.0)', "alpha forced to 1 in the method"),
+    ("sfd_ddpm/methods/sfd.py", 'teacher_label, self._cat(terms, "label"), self.cfg["sfd"]["alpha"],',
+     'teacher_label, self._cat(terms, "label"), 1.0,', "alpha forced to 1 in the method"),
     ("sfd_ddpm/methods/common.py", "[p.detach() for p in net.parameters()], 1.0 - decay)",
      "[p.detach() for p in net.parameters()], decay)", "EMA inverted"),
     ("sfd_ddpm/methods/common.py", "min(tr[\"ema\"], (1 + step) / (10 + step))", "max(tr[\"ema\"], (1 + step) / (10 + step))",
@@ -71,11 +74,11 @@ MUTANTS = [
     ("sfd_ddpm/methods/forget_spec.py", "lut[f] = o", "lut[f] = f", "override table maps forget to itself"),
     ("sfd_ddpm/diffusion.py", "_bc(self.b(t), x0) * eps", "_bc(self.a(t), x0) * eps", "forward noising with a_t"),
     ("sfd_ddpm/diffusion.py", "torch.cumprod(1.0 - betas, dim=0)", "torch.cumprod(1.0 - betas, dim=0) ** 0.5", "wrong abar"),
-    ("sfd_ddpm/diffusion.py", "return (1 + guidance) * eps_c - guidance * eps_u", "return guidance * eps_c - guidance * eps_u",
+    ("sfd_ddpm/diffusion.py", "return (1 + guidance) * out_c - guidance * out_u", "return guidance * out_c - guidance * out_u",
      "guidance formula"),
     ("sfd_ddpm/diffusion.py", "torch.randint(lo, hi, (n,)", "torch.randint(lo, hi + 1, (n,)", "inclusive upper timestep"),
-    ("sfd_ddpm/diffusion.py", "return (x_t - _bc(self.schedule.b(t), x_t) * eps) / _bc(self.schedule.a(t), x_t)",
-     "return (x_t - _bc(self.schedule.b(t), x_t) * eps) / _bc(self.schedule.b(t), x_t)", "denoised estimate / b_t"),
+    ("sfd_ddpm/diffusion.py", "return (x_t - _bc(self.b(t), x_t) * eps) / _bc(self.a(t), x_t)",
+     "return (x_t - _bc(self.b(t), x_t) * eps) / _bc(self.b(t), x_t)", "denoised estimate / b_t"),
     ("sfd_ddpm/samplers.py", "c2 = max(1 - abar_prev - c1 ** 2, 0.0) ** 0.5", "c2 = max(1 - abar_prev, 0.0) ** 0.5",
      "DDIM direction ignores eta noise"),
     ("sfd_ddpm/samplers.py", "x = x + (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 * noise.randn()",
@@ -83,7 +86,8 @@ MUTANTS = [
     ("sfd_ddpm/samplers.py", "label * 10_000_019 + index", "label + index", "image seeds collide across classes"),
     ("sfd_ddpm/samplers.py", "torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])",
      "torch.randn((len(self.generators), *self.shape), generator=self.generators[0])", "one shared noise stream"),
-    ("sfd_ddpm/samplers.py", "b = generator.schedule.b(t_init)", "b = generator.schedule.a(t_init)", "one-step input a_t z"),
+    ("sfd_ddpm/diffusion.py", "pure noise at level t is ``noise_scale(t) * z``.\"\"\"\n        return self.b(t)",
+     "pure noise at level t is ``noise_scale(t) * z``.\"\"\"\n        return self.a(t)", "one-step input a_t z"),
     ("sfd_ddpm/samplers.py", "return n * (2 if guidance else 1)", "return n", "NFE ignores guidance"),
     ("sfd_ddpm/checkpoints.py", "        write(tmp)\n", "        write(str(path))\n", "non-atomic write"),
     ("sfd_ddpm/checkpoints.py", "            os.remove(tmp)", "            pass", "temporary file left behind"),
@@ -117,7 +121,24 @@ def main(argv: list[str]) -> int:
         return check(tree, tests, only)
 
 
+def stale_mutants(tree: Path, mutants=None) -> list[str]:
+    """The mutants whose original text does not occur exactly once in their file (or whose file is gone)."""
+    stale = []
+    for k, (rel, old, _new, what) in enumerate(MUTANTS if mutants is None else mutants, 1):
+        path = tree / rel
+        count = path.read_text().count(old) if path.is_file() else 0
+        if count != 1:
+            stale.append(f"[{k}] {rel}: {what} (its text occurs {count} times)")
+    return stale
+
+
 def check(tree: Path, tests: list[str], only=None) -> int:
+    stale = stale_mutants(tree)
+    if stale:
+        print(f"{len(stale)} mutant(s) no longer apply; update MUTANTS in scripts/mutation_check.py:", flush=True)
+        for line in stale:
+            print("  stale:", line)
+        return 3
     print(f"tests: {' '.join(tests)} (-m '{FAST}')", flush=True)
     if not run_tests(tree, tests):
         print("the unmutated tree fails these tests; fix that first")
@@ -128,9 +149,6 @@ def check(tree: Path, tests: list[str], only=None) -> int:
     for k, (rel, old, new, what) in mutants:
         path = tree / rel
         source = path.read_text()
-        if source.count(old) != 1:
-            print(f"[{k:2d}] SKIP {rel}: the text to mutate occurs {source.count(old)} times ({what})", flush=True)
-            continue
         path.write_text(source.replace(old, new))
         try:
             killed = not run_tests(tree, tests)

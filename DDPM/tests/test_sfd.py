@@ -194,3 +194,36 @@ def test_sfd_moves_the_forget_class_onto_the_override_component():
         assert (mean - target).norm() < 0.15, (c, mean)
         assert (std > 0.22).all() and (std < 0.38).all(), (c, std)  # spread ~0.3: neither collapsed nor blown up
     assert (samples[0] - MEANS[0]).norm(dim=1).lt(1.0).float().mean() < 0.02  # nothing left at the forget mode
+
+
+def test_train_entry_point_sfd_opens_no_dataset_in_process(monkeypatch, tmp_path, tiny_teacher):
+    """The data-free property through train.py's real command (in process, so the fast tests and the
+    mutation check guard it): every way of opening a dataset fails, and SFD still trains."""
+    import torchvision.datasets
+    from click.testing import CliRunner
+
+    import sfd_ddpm.data as data
+    import train
+
+    from conftest import TINY
+
+    opened = []
+
+    def refuse(*args, **kwargs):
+        opened.append(args)
+        raise AssertionError("train.py opened a dataset")
+
+    for name in ("load_dataset", "make_builtin", "infinite_loader", "split_by_label"):
+        monkeypatch.setattr(data, name, refuse)
+    for name in ("CIFAR10", "STL10", "MNIST", "ImageFolder"):
+        monkeypatch.setattr(torchvision.datasets, name, refuse)
+    args = ["--config", "configs/builtin_sfd.yaml", "--outdir", str(tmp_path / "sfd"), "--device", "cpu", *TINY,
+            f"sfd.init={tiny_teacher}", "training.n_iters=2"]
+    res = CliRunner().invoke(train.main, args)
+    assert res.exit_code == 0 and not opened, res.output
+    (run,) = (tmp_path / "sfd").iterdir()
+    assert (run / "network-0000002.safetensors").is_file()
+    # the guard has teeth: pretraining, which reads images, is stopped by it
+    res = CliRunner().invoke(train.main, ["--config", "configs/builtin_train.yaml", "--outdir", str(tmp_path / "pre"),
+                                          "--device", "cpu", *TINY, "training.n_iters=1"])
+    assert res.exit_code != 0 and opened
