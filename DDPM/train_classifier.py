@@ -15,9 +15,10 @@ The built-in dataset gets a small CNN that reaches >= 98% in well under a minute
 
 Your own images (``--dataset folder --root DIR``, one sub-folder per class): a small CNN (width 32)
 trained for about --target-steps optimisation steps whatever the folder's size (so a small folder
-gets many epochs), with random crops (reflect padding of image_size/8) and horizontal flips, Adam with
-a cosine learning-rate decay; tested on the fixed held-out split (10% of each class, the same split
-train.py pretrains without). Below 0.95 test accuracy it warns loudly: the classifier then judges
+gets many epochs), with random crops (reflect padding of image_size/8), Adam with a cosine
+learning-rate decay, and no left-right flips unless --hflip (a mirrored digit or letter is not a real
+image, and a classifier trained on mirrored ones reads them as correct); tested on the fixed held-out
+split (10% of each class, the same split train.py pretrains without). Below 0.95 test accuracy it warns loudly: the classifier then judges
 UA and remaining-class accuracy poorly.
 """
 from __future__ import annotations
@@ -88,8 +89,9 @@ def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int,
               help="Adam weight decay. [default: 5e-4 resnet34, 0 small_cnn]")
 @click.option("--batch", type=click.IntRange(min=1), default=128, help="Batch size.")
 @click.option("--hflip/--no-hflip", default=None,
-              help="Random horizontal flips (turn off for classes that differ by left/right). "
-                   "[default: on for cifar10/stl10/folder]")
+              help="Random left-right flips. [default: on for cifar10/stl10 (the authors' recipe); off for "
+                   "builtin and folder, where a class may differ by left and right: --hflip for folders of "
+                   "scenes or objects]")
 @click.option("--crop-pad", type=click.IntRange(min=0), default=None, metavar="PX",
               help="Random-crop augmentation: reflect-pad by PX and crop back at a random offset (0 = off). "
                    "[default: image_size/8 for folder, 0 otherwise]")
@@ -139,7 +141,7 @@ def main(dataset, out, arch, pretrained, imagenet_weights, epochs, target_steps,
     for key, value in (("epochs", epochs), ("lr", lr), ("head_lr_mult", head_lr_mult), ("weight_decay", weight_decay)):
         if value is not None:
             recipe[key] = value
-    hflip = dataset != "builtin" if hflip is None else hflip
+    hflip = dataset in ("cifar10", "stl10") if hflip is None else hflip
     width = width or (FOLDER_RECIPE["width"] if folder else 16)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

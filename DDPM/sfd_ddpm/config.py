@@ -43,7 +43,10 @@ SCHEMA: dict = {
         "channels": K(3, "image channels"),
         "n_classes": K(10, "number of classes (the null class for guidance is added on top); dataset=folder: "
                            "must equal the number of class sub-folders (checked, not derived)"),
-        "random_flip": K(True, "random horizontal flips during pretraining"),
+        "random_flip": K(None, "random left-right flips of the training images (pretrain, retrain, vdu); null = "
+                               "the dataset's convention: on for builtin, cifar10 and stl10 (the authors' setting), "
+                               "off for folder and mnist (a mirrored digit or letter is not a real image; set true "
+                               "for folders of scenes or objects). The run's config.json records true or false"),
         "num_workers": K(2, "data loader worker processes"),
         "builtin_per_class": K(1000, "built-in dataset: training images per class"),
     },
@@ -246,6 +249,8 @@ def _check_type(path: str, value, default):
     if path == "data.class_names" and value is not None and (
             not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
         raise ConfigError(f"data.class_names must be a list of names (or null), got {value!r}")
+    if path == "data.random_flip" and value is not None and not isinstance(value, bool):
+        raise ConfigError(f"data.random_flip must be true, false or null (the dataset's convention), got {value!r}")
     if default is None or value is None or path == "sfd.override":  # a class, name, mode or mapping:
         return value                                                   # ForgetSpec.parse checks it
     if isinstance(default, bool):

@@ -158,6 +158,23 @@ def make_builtin(n_per_class: int, image_size: int = 16, seed: int = 0) -> tuple
     return x, torch.from_numpy(labels).long()
 
 
+# data.random_flip=null: flip where a mirrored image is still a real one (the authors' CIFAR-10/STL-10
+# setting), not on digits and the user's folders, whose classes may differ by left and right.
+FLIP_BY_DEFAULT = {"builtin": True, "cifar10": True, "stl10": True, "mnist": False, "folder": False}
+
+
+def with_flip_resolved(cfg: dict) -> dict:
+    """A copy of ``cfg`` whose ``data.random_flip`` is true or false (null: the dataset's convention), so
+    that the run's config.json and checkpoints record what training did."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    d = cfg["data"]
+    if d.get("random_flip") is None:
+        d["random_flip"] = FLIP_BY_DEFAULT[d["dataset"]]
+    return cfg
+
+
 class TensorImages(Dataset):
     """In-memory images with a ``targets`` list (the interface the splits below rely on)."""
 

@@ -51,3 +51,84 @@ def test_augment_input_takes_part_in_the_graph_and_changes_nothing():
     out.square().mean().backward()
     assert all(p.grad is not None for p in net.parameters())
     assert torch.count_nonzero(net.model.map_augment.weight.grad) == 0  # Adam leaves it where it was
+
+
+def asymmetric_folder(root: Path, classes=("a", "b"), per_class: int = 10, size: int = 8) -> Path:
+    """Class folders of images bright on the left and dark on the right: a flip is visible in every one."""
+    import numpy as np
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = np.zeros((size, size, 3), np.uint8)
+            img[:, :size // 2] = 200 + 5 * c + i
+            Image.fromarray(img).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def _is_mirrored(x) -> "torch.Tensor":
+    """Per image: is the right half brighter than the left (a flipped asymmetric image)?"""
+    w = x.shape[-1] // 2
+    return x[..., w:].mean(dim=(1, 2, 3)) > x[..., :w].mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("flip", [None, True])
+def test_folder_teacher_sees_no_flipped_images_by_default(tmp_path, monkeypatch, flip):
+    """data.random_flip=null on a folder: no batch of the training loop holds a mirrored image (issue 26)."""
+    import torch
+
+    from conftest import TINY
+    from sfd_ddpm import config as C
+    from sfd_ddpm.distributed import Dist
+    from sfd_ddpm.methods import pretrain
+    root = asymmetric_folder(tmp_path / "imgs")
+    cfg = C.load_config("configs/builtin_train.yaml", [*TINY, "data.dataset=folder", f"data.root={root}",
+                                                       "data.n_classes=2", "data.image_size=8",
+                                                       f"data.random_flip={'null' if flip is None else 'true'}"])
+    seen = []
+    real_loss = pretrain.eps_loss
+    monkeypatch.setattr(pretrain, "eps_loss", lambda d, x0, *a: seen.append(x0.clone()) or real_loss(d, x0, *a))
+    method = pretrain.Pretrain(cfg, Dist())
+    method.start(0)
+    for step in range(4):
+        method.train_step(step)
+    mirrored = _is_mirrored(torch.cat(seen))
+    assert len(mirrored) == 32
+    if flip is None:
+        assert method.cfg["data"]["random_flip"] is False  # recorded in config.json and the checkpoints
+        assert not mirrored.any()
+    else:
+        assert method.cfg["data"]["random_flip"] is True and mirrored.any() and not mirrored.all()
+
+
+def test_flip_default_keeps_the_authors_setting_on_cifar10():
+    from sfd_ddpm import config as C
+    from sfd_ddpm.data import with_flip_resolved
+    assert C.load_config(None)["data"]["random_flip"] is None
+    for dataset, flip in (("cifar10", True), ("stl10", True), ("builtin", True), ("folder", False), ("mnist", False)):
+        assert with_flip_resolved(C.load_config(None, [f"data.dataset={dataset}"]))["data"]["random_flip"] is flip
+    assert with_flip_resolved(C.load_config(None, ["data.dataset=folder", "data.random_flip=true"]))["data"]["random_flip"]
+    for cfg in ("cifar10_train", "stl10_train", "cifar10_retrain", "stl10_retrain"):
+        assert C.load_config(f"configs/{cfg}.yaml")["data"]["random_flip"] is True
+    with pytest.raises(C.ConfigError, match="random_flip"):
+        C.load_config(None, ["data.random_flip=yes please"])
+
+
+def test_folder_classifier_is_trained_without_flips_by_default(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import train_classifier
+    from sfd_ddpm import classifiers
+    from sfd_ddpm.classifiers import read_classifier_metadata
+    root = asymmetric_folder(tmp_path / "imgs")
+    flips = []
+    real = classifiers.random_hflip
+    monkeypatch.setattr(classifiers, "random_hflip", lambda x, g: flips.append(len(x)) or real(x, g))
+    for extra, expect in (([], False), (["--hflip"], True)):
+        out = tmp_path / f"clf{len(extra)}.safetensors"
+        res = CliRunner().invoke(train_classifier.main, ["--dataset", "folder", "--root", str(root), "--image-size", "8",
+                                                         "--epochs", "1", "--out", str(out), "--no-progress", *extra])
+        assert res.exit_code == 0, res.output
+        assert read_classifier_metadata(out)["training"]["hflip"] is expect
+        assert bool(flips) is expect

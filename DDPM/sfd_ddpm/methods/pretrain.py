@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import infinite_loader, load_dataset, split_by_label
+from ..data import infinite_loader, load_dataset, split_by_label, with_flip_resolved
 from ..diffusion import Denoiser, eps_loss, schedule_of
 from ..distributed import Dist
 from ..networks import build_network
@@ -19,6 +19,7 @@ class Pretrain:
     kind = "ddpm"
 
     def __init__(self, cfg: dict, dist: Dist, exclude_classes: tuple[int, ...] = ()):
+        cfg = with_flip_resolved(cfg)
         self.cfg, self.dist = cfg, dist
         tr = cfg["training"]
         self.schedule = schedule_of(cfg)
