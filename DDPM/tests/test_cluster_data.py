@@ -132,3 +132,46 @@ def test_folder_classifier_is_trained_without_flips_by_default(tmp_path, monkeyp
         assert res.exit_code == 0, res.output
         assert read_classifier_metadata(out)["training"]["hflip"] is expect
         assert bool(flips) is expect
+
+
+def _png(path: Path, width: int, height: int, depth: int, colour: int, rows: bytes = b"") -> Path:
+    """A PNG written chunk by chunk (PIL writes no 16-bit colour PNGs and no header-only giants)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_16_bit_pngs_are_read_at_their_depth(tmp_path):
+    """A mid-grey 16-bit PNG (grey or colour) is mid-grey, not white (issue 26)."""
+    import numpy as np
+    from PIL import Image
+
+    from sfd_ddpm.folder_data import _decode
+    grey = np.full((8, 8), 0x8080, np.uint16)
+    grey[:, 4:] = 0x2020
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # PIL: mode I;16
+    rgb = np.zeros((8, 8, 3), ">u2")
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 0x8080, 0x2020, 0xFFFF
+    rows = b"".join(b"\x00" + rgb[y].tobytes() for y in range(8))  # filter byte 0 per row, big-endian samples
+    _png(tmp_path / "rgb16.png", 8, 8, 16, 2, rows)
+    a, why = _decode(str(tmp_path / "grey16.png"), 8)
+    assert why == "" and (a[:, :4] == 0x80).all() and (a[:, 4:] == 0x20).all()
+    a, why = _decode(str(tmp_path / "rgb16.png"), 8)
+    assert why == "" and (a[..., 0] == 0x80).all() and (a[..., 1] == 0x20).all() and (a[..., 2] == 0xFF).all()
+
+
+def test_decompression_bomb_in_a_class_folder_is_skipped_with_a_warning(tmp_path, capsys):
+    """A PNG whose header claims 20000 x 20000 pixels: skipped and named, like an unreadable file."""
+    from sfd_ddpm.data import load_dataset
+    root = asymmetric_folder(tmp_path / "imgs", per_class=12)
+    _png(root / "a" / "zz_bomb.png", 20000, 20000, 8, 0)  # 400 Mpx: over 2 x PIL's MAX_IMAGE_PIXELS
+    n = len(load_dataset("folder", str(root), 8, "train")) + len(load_dataset("folder", str(root), 8, "test"))
+    assert n == 24
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image file(s) of 25" in err and "zz_bomb.png: over PIL's decompression-bomb" in err
