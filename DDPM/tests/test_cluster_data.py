@@ -175,3 +175,158 @@ def test_decompression_bomb_in_a_class_folder_is_skipped_with_a_warning(tmp_path
     assert n == 24
     err = capsys.readouterr().err
     assert "skipped 1 unreadable image file(s) of 25" in err and "zz_bomb.png: over PIL's decompression-bomb" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: a CIFAR-10 stand-in in torchvision's layout, served from 127.0.0.1
+
+
+def cifar10_archive(folder: Path, per_class: int = 2) -> tuple[Path, str]:
+    """A tiny cifar-10-python.tar.gz in torchvision's cifar-10-batches-py layout, and its md5."""
+    import hashlib
+    import pickle
+    import tarfile
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    inner = folder / "cifar-10-batches-py"
+    inner.mkdir(parents=True)
+
+    def batch(name, n):
+        labels = [i % 10 for i in range(n)]
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8) // 32 * 32  # compresses: a small archive
+        (inner / name).write_bytes(pickle.dumps({"data": data, "labels": labels, "batch_label": name}))
+    for k in range(1, 6):
+        batch(f"data_batch_{k}", 10 * per_class)
+    batch("test_batch", 10)
+    (inner / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(inner, arcname="cifar-10-batches-py")
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """An HTTP server on 127.0.0.1 serving the stand-in archive; ``requests`` lists every GET path."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "mirror"
+    served.mkdir()
+    archive, md5 = cifar10_archive(tmp_path / "build")
+    archive.rename(served / archive.name)
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            try:
+                super().do_GET()
+            except (BrokenPipeError, ConnectionResetError):  # torchvision's redirect probe reads no body
+                pass
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}/", "md5": md5, "requests": requests}
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port_url() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"  # nothing listens there any more: a refused connection, as offline
+
+
+def test_mirror_download_checks_the_given_md5(tmp_path, mirror):
+    from sfd_ddpm.data import load_dataset
+    ds = load_dataset("cifar10", str(tmp_path / "data"), 16, "train", mirror=mirror["url"], mirror_md5=mirror["md5"])
+    assert len(ds) == 100 and tuple(ds[0][0].shape) == (3, 16, 16)
+    assert len(mirror["requests"]) > 0 and all(r.endswith("/cifar-10-python.tar.gz") for r in mirror["requests"])
+    with pytest.raises(FileNotFoundError, match=r"could not be downloaded from .*cifar-10-python.tar.gz \(File not found or corrupted"):
+        load_dataset("cifar10", str(tmp_path / "other"), 16, "train", mirror=mirror["url"], mirror_md5="0" * 32)
+    with pytest.raises(FileNotFoundError, match="could not be downloaded"):  # torchvision's own sums, a stand-in
+        load_dataset("cifar10", str(tmp_path / "third"), 16, "train", mirror=mirror["url"])
+
+
+@pytest.mark.slow  # ~40 s: four ranks on two cores
+@pytest.mark.subprocess
+def test_four_ranks_on_an_empty_root_fetch_the_dataset_once(tmp_path, mirror):
+    """Rank 0 alone downloads; the others wait and read its files (issue 21: 2 of 3 runs failed)."""
+    from conftest import TINY
+    from sfd_ddpm.data import load_dataset
+    load_dataset("cifar10", str(tmp_path / "probe"), 16, "train", mirror=mirror["url"], mirror_md5=mirror["md5"])
+    one_fetch = len(mirror["requests"])  # the GETs of one download (torchvision also asks for redirects)
+    mirror["requests"].clear()
+    root = tmp_path / "data"
+    torchrun("train.py", "--config", "configs/builtin_train.yaml", "--outdir", tmp_path / "runs", *TINY,
+             "data.dataset=cifar10", f"data.root={root}", f"data.mirror={mirror['url']}",
+             f"data.mirror_md5={mirror['md5']}", "training.n_iters=2", "--device", "cpu", nproc=4)
+    assert len(mirror["requests"]) == one_fetch
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "network-0000002.safetensors").exists()  # DDP steps need all four ranks
+
+
+def _offline_message(result, name: str, root: Path) -> str:
+    """The CLI ended with one line naming the dataset, where it looked and how to place it; no traceback."""
+    assert result.exit_code not in (0, None) and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    message = lines[-1]
+    assert f"{name} not found under {root.resolve()}" in message and "cifar-10-batches-py" in message
+    return message
+
+
+def test_train_offline_says_which_dataset_where_and_how(tmp_path):
+    from click.testing import CliRunner
+
+    import train
+    from conftest import TINY
+    root = tmp_path / "data"
+    result = CliRunner().invoke(train.main, ["--config", "configs/builtin_train.yaml", "--outdir", str(tmp_path / "runs"),
+                                             *TINY, "data.dataset=cifar10", f"data.root={root}",
+                                             f"data.mirror={closed_port_url()}", "--device", "cpu"])
+    message = _offline_message(result, "cifar10", root)
+    assert "Connection refused" in message and not (tmp_path / "runs").exists() and not root.exists()
+
+
+def test_offline_on_torchvisions_own_url(tmp_path, monkeypatch):
+    """No mirror, no network: the message gives the dataset's home URL to fetch by hand."""
+    import urllib.error
+    import urllib.request
+
+    from click.testing import CliRunner
+
+    import save_dataset
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    result = CliRunner().invoke(save_dataset.main, ["--dataset", "cifar10", "--root", str(root), "--out",
+                                                    str(tmp_path / "refs")])
+    message = _offline_message(result, "cifar10", root)
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
+    assert "name resolution" in message and not (tmp_path / "refs").exists()
+    result = CliRunner().invoke(save_dataset.main, ["--dataset", "cifar10", "--root", str(root), "--out",
+                                                    str(tmp_path / "refs"), "--no-download"])
+    assert "download is off" in _offline_message(result, "cifar10", root)
+
+
+def test_train_classifier_offline_without_pretrained_weights(tmp_path):
+    from click.testing import CliRunner
+
+    import train_classifier
+    root = tmp_path / "data"
+    result = CliRunner().invoke(train_classifier.main, ["--dataset", "cifar10", "--no-pretrained", "--root", str(root),
+                                                        "--mirror", closed_port_url(), "--out",
+                                                        str(tmp_path / "clf.safetensors")])
+    _offline_message(result, "cifar10", root)
+    assert not (tmp_path / "clf.safetensors").exists()

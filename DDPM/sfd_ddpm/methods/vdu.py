@@ -43,7 +43,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, load_into, load_weights
 from ..config import with_architecture
-from ..data import TensorImages, infinite_loader, load_dataset, split_by_label, with_flip_resolved
+from ..data import TensorImages, infinite_loader, load_data, split_by_label, with_flip_resolved
 from ..diffusion import Denoiser, eps_loss, schedule_of
 from ..distributed import Dist
 from ..fisher import diagonal_fisher
@@ -157,7 +157,7 @@ class VDU:
         self.mu = {n: p.detach() for n, p in self.mu_net.named_parameters()}
         if forget_data is None:
             d = cfg["data"]
-            dataset = load_dataset(d["dataset"], d["root"], d["image_size"], "train", d["download"], d["builtin_per_class"])
+            dataset = load_data(d)
             forget_data = forget_subset(dataset, [int(c) for c in v["forget"]], n_classes, v["forget_subset"], cfg["seed"])
         self.forget_data = forget_data
         self.local_batch = min(dist.local_batch(tr["batch_size"]), len(forget_data))
