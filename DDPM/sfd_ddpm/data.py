@@ -172,6 +172,8 @@ def with_flip_resolved(cfg: dict) -> dict:
 
     cfg = copy.deepcopy(cfg)
     d = cfg["data"]
+    if d["dataset"] not in DATASETS:
+        raise ValueError(f"unknown dataset {d['dataset']!r}; choose one of {', '.join(DATASETS)}")
     if d.get("random_flip") is None:
         d["random_flip"] = FLIP_BY_DEFAULT[d["dataset"]]
     return cfg
