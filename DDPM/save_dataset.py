@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
               help="Resize to this size [default: the dataset's; 32 for folder].")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading a missing dataset.")
-def main(dataset, out, split, exclude_class, per_class, root, image_size, no_download):
+@click.option("--mirror", default=None, metavar="URL",
+              help="Download cifar10/stl10/mnist from this base URL (http:// or https://, the files under their "
+                   "usual names) instead of their home sites (data.mirror).")
+@click.option("--mirror-md5", default=None, metavar="MD5",
+              help="md5 of a re-packed cifar10/stl10 archive on --mirror, checked instead of torchvision's sums.")
+def main(dataset, out, split, exclude_class, per_class, root, image_size, no_download, mirror, mirror_md5):
     """Save real images of a dataset, optionally without some classes."""
     import torch
     from tqdm import tqdm
@@ -40,7 +45,8 @@ def main(dataset, out, split, exclude_class, per_class, root, image_size, no_dow
     from sfd_ddpm.images import save_images
 
     try:
-        ds = load_dataset(dataset, root, image_size, split, download=not no_download)
+        ds = load_dataset(dataset, root, image_size, split, download=not no_download, mirror=mirror,
+                          mirror_md5=mirror_md5)
         names = class_names(ds)
         if dataset != "folder":
             names = names[:max(targets_of(ds)) + 1]

@@ -39,6 +39,7 @@ def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys)
 
     KEY=VALUE pairs override config keys (values are YAML: numbers, true/false, lists [0,1], null),
     e.g. `training.n_iters=1000 sfd.forget=[0,3]`. Unknown keys are errors.
+    Your own class folders (data.dataset=folder) are not flipped left-right unless data.random_flip=true.
     Weights are saved as network-NNNNNNN.safetensors (config embedded), sample grids as PNG, losses
     and images/s in log.jsonl, and training-state-*.pt (the newest training.keep_states kept) allow an exact --resume.
     """

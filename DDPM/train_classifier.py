@@ -15,9 +15,10 @@ The built-in dataset gets a small CNN that reaches >= 98% in well under a minute
 
 Your own images (``--dataset folder --root DIR``, one sub-folder per class): a small CNN (width 32)
 trained for about --target-steps optimisation steps whatever the folder's size (so a small folder
-gets many epochs), with random crops (reflect padding of image_size/8) and horizontal flips, Adam with
-a cosine learning-rate decay; tested on the fixed held-out split (10% of each class, the same split
-train.py pretrains without). Below 0.95 test accuracy it warns loudly: the classifier then judges
+gets many epochs), with random crops (reflect padding of image_size/8), Adam with a cosine
+learning-rate decay, and no left-right flips unless --hflip (a mirrored digit or letter is not a real
+image, and a classifier trained on mirrored ones reads them as correct); tested on the fixed held-out
+split (10% of each class, the same split train.py pretrains without). Below 0.95 test accuracy it warns loudly: the classifier then judges
 UA and remaining-class accuracy poorly.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ STL_SPLIT_SEED, STL_TEST_SIZE = 1234, 1000
 FOLDER_RECIPE = {"target_steps": 3000, "min_epochs": 10, "width": 32, "crop_pad_fraction": 1 / 8, "cosine": True}
 
 
-def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int, image_size: int | None = None):
+def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int, image_size: int | None = None,
+                mirror: str | None = None, mirror_md5: str | None = None):
     """(train, test) datasets of (image in [-1, 1], label) at the dataset's native resolution."""
     import torch
     from torch.utils.data import Subset
@@ -53,9 +55,9 @@ def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int,
         return (load_dataset("folder", root, image_size, split="train"),
                 load_dataset("folder", root, image_size, split="test"))
     if dataset == "cifar10":
-        return (load_dataset("cifar10", root, split="train", download=download),
-                load_dataset("cifar10", root, split="test", download=download))
-    full = load_dataset("stl10", root, download=download)  # labelled train + test, 13k images
+        return (load_dataset("cifar10", root, split="train", download=download, mirror=mirror, mirror_md5=mirror_md5),
+                load_dataset("cifar10", root, split="test", download=download, mirror=mirror, mirror_md5=mirror_md5))
+    full = load_dataset("stl10", root, download=download, mirror=mirror, mirror_md5=mirror_md5)  # labelled train + test
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(STL_SPLIT_SEED)).tolist()
     return Subset(full, perm[:-STL_TEST_SIZE]), Subset(full, perm[-STL_TEST_SIZE:])
 
@@ -88,8 +90,9 @@ def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int,
               help="Adam weight decay. [default: 5e-4 resnet34, 0 small_cnn]")
 @click.option("--batch", type=click.IntRange(min=1), default=128, help="Batch size.")
 @click.option("--hflip/--no-hflip", default=None,
-              help="Random horizontal flips (turn off for classes that differ by left/right). "
-                   "[default: on for cifar10/stl10/folder]")
+              help="Random left-right flips. [default: on for cifar10/stl10 (the authors' recipe); off for "
+                   "builtin and folder, where a class may differ by left and right: --hflip for folders of "
+                   "scenes or objects]")
 @click.option("--crop-pad", type=click.IntRange(min=0), default=None, metavar="PX",
               help="Random-crop augmentation: reflect-pad by PX and crop back at a random offset (0 = off). "
                    "[default: image_size/8 for folder, 0 otherwise]")
@@ -103,6 +106,11 @@ def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int,
 @click.option("--image-size", type=click.IntRange(min=8), default=32, metavar="PX",
               help="Folder data: images are resized and centre-cropped to PX (use the teacher's data.image_size).")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading a missing dataset.")
+@click.option("--mirror", default=None, metavar="URL",
+              help="Download cifar10/stl10/mnist from this base URL (http:// or https://, the files under their "
+                   "usual names) instead of their home sites (data.mirror).")
+@click.option("--mirror-md5", default=None, metavar="MD5",
+              help="md5 of a re-packed cifar10/stl10 archive on --mirror, checked instead of torchvision's sums.")
 @click.option("--builtin-per-class", type=click.IntRange(min=10), default=500,
               help="Built-in training images per class (the test split is fixed: 200 per class).")
 @click.option("--limit-train", type=click.IntRange(min=1), default=None, metavar="N",
@@ -115,8 +123,8 @@ def load_splits(dataset: str, root: str, download: bool, builtin_per_class: int,
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, help="Data-loading processes (torchvision datasets).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def main(dataset, out, arch, pretrained, imagenet_weights, epochs, target_steps, lr, head_lr_mult, weight_decay, batch,
-         hflip, crop_pad, resize, width, root, image_size, no_download, builtin_per_class, limit_train, limit_test, seed,
-         device, num_workers, no_progress):
+         hflip, crop_pad, resize, width, root, image_size, no_download, mirror, mirror_md5, builtin_per_class, limit_train,
+         limit_test, seed, device, num_workers, no_progress):
     """Train a classifier, print its test accuracy and save it as safetensors with its settings."""
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -139,7 +147,7 @@ def main(dataset, out, arch, pretrained, imagenet_weights, epochs, target_steps,
     for key, value in (("epochs", epochs), ("lr", lr), ("head_lr_mult", head_lr_mult), ("weight_decay", weight_decay)):
         if value is not None:
             recipe[key] = value
-    hflip = dataset != "builtin" if hflip is None else hflip
+    hflip = dataset in ("cifar10", "stl10") if hflip is None else hflip
     width = width or (FOLDER_RECIPE["width"] if folder else 16)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,7 +156,8 @@ def main(dataset, out, arch, pretrained, imagenet_weights, epochs, target_steps,
 
     try:
         imagenet_state = imagenet_resnet34_state(imagenet_weights) if pretrained else None
-        train_set, test_set = load_splits(dataset, root, not no_download, builtin_per_class, image_size)
+        train_set, test_set = load_splits(dataset, root, not no_download, builtin_per_class, image_size, mirror,
+                                          mirror_md5)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
     if limit_train is not None and limit_train < len(train_set):

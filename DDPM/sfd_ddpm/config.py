@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -38,12 +39,23 @@ SCHEMA: dict = {
         "class_names": K(None, "class names in index order; for dataset=folder train.py fills them in from "
                                "data.root (and refuses a folder whose classes differ); sfd.forget, sfd.override, "
                                "baseline.forget and vdu.forget may name classes instead of giving indices"),
-        "download": K(True, "let torchvision download the dataset when it is missing"),
+        "download": K(True, "let torchvision download the dataset when it is missing (under torchrun rank 0 "
+                            "alone fetches it into data.root, the other ranks wait and read its files)"),
+        "mirror": K(None, "cifar10 / stl10 / mnist: download from this base URL (http:// or https://) instead "
+                          "of the datasets' home sites; it serves the files under their usual names "
+                          "(<mirror>/cifar-10-python.tar.gz, <mirror>/stl10_binary.tar.gz, "
+                          "<mirror>/train-images-idx3-ubyte.gz, ...)"),
+        "mirror_md5": K(None, "md5 of a re-packed cifar10 / stl10 archive on data.mirror: the download is checked "
+                              "against it instead of torchvision's sums (null = torchvision's sums, for the "
+                              "original files)"),
         "image_size": K(32, "image resolution in pixels"),
         "channels": K(3, "image channels"),
         "n_classes": K(10, "number of classes (the null class for guidance is added on top); dataset=folder: "
                            "must equal the number of class sub-folders (checked, not derived)"),
-        "random_flip": K(True, "random horizontal flips during pretraining"),
+        "random_flip": K(None, "random left-right flips of the training images (pretrain, retrain, vdu); null = "
+                               "the dataset's convention: on for builtin, cifar10 and stl10 (the authors' setting), "
+                               "off for folder and mnist (a mirrored digit or letter is not a real image; set true "
+                               "for folders of scenes or objects). The run's config.json records true or false"),
         "num_workers": K(2, "data loader worker processes"),
         "builtin_per_class": K(1000, "built-in dataset: training images per class"),
     },
@@ -246,6 +258,15 @@ def _check_type(path: str, value, default):
     if path == "data.class_names" and value is not None and (
             not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
         raise ConfigError(f"data.class_names must be a list of names (or null), got {value!r}")
+    if path in ("data.mirror", "data.mirror_md5") and value is not None and not isinstance(value, str):
+        raise ConfigError(f"{path} must be a string (or null), got {value!r}")
+    if path == "data.mirror" and value is not None and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"data.mirror must be an http:// or https:// URL, got {value!r} (a local archive: put "
+                          f"it in data.root, torchvision extracts it there)")
+    if path == "data.mirror_md5" and value is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", value):
+        raise ConfigError(f"data.mirror_md5 must be an md5 sum (32 hex digits), got {value!r}")
+    if path == "data.random_flip" and value is not None and not isinstance(value, bool):
+        raise ConfigError(f"data.random_flip must be true, false or null (the dataset's convention), got {value!r}")
     if default is None or value is None or path == "sfd.override":  # a class, name, mode or mapping:
         return value                                                   # ForgetSpec.parse checks it
     if isinstance(default, bool):

@@ -13,6 +13,8 @@ are handled here, once, for every script.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -158,6 +160,25 @@ def make_builtin(n_per_class: int, image_size: int = 16, seed: int = 0) -> tuple
     return x, torch.from_numpy(labels).long()
 
 
+# data.random_flip=null: flip where a mirrored image is still a real one (the authors' CIFAR-10/STL-10
+# setting), not on digits and the user's folders, whose classes may differ by left and right.
+FLIP_BY_DEFAULT = {"builtin": True, "cifar10": True, "stl10": True, "mnist": False, "folder": False}
+
+
+def with_flip_resolved(cfg: dict) -> dict:
+    """A copy of ``cfg`` whose ``data.random_flip`` is true or false (null: the dataset's convention), so
+    that the run's config.json and checkpoints record what training did."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    d = cfg["data"]
+    if d["dataset"] not in DATASETS:
+        raise ValueError(f"unknown dataset {d['dataset']!r}; choose one of {', '.join(DATASETS)}")
+    if d.get("random_flip") is None:
+        d["random_flip"] = FLIP_BY_DEFAULT[d["dataset"]]
+    return cfg
+
+
 class TensorImages(Dataset):
     """In-memory images with a ``targets`` list (the interface the splits below rely on)."""
 
@@ -172,8 +193,14 @@ class TensorImages(Dataset):
 
 
 def load_dataset(name: str, root: str = "./data", image_size: int | None = None, split: str = "train",
-                 download: bool = True, builtin_per_class: int = 1000) -> Dataset:
-    """A dataset of (image in [-1, 1], label). ``split`` is train or test (folder: the held-out split)."""
+                 download: bool = True, builtin_per_class: int = 1000, mirror: str | None = None,
+                 mirror_md5: str | None = None) -> Dataset:
+    """A dataset of (image in [-1, 1], label). ``split`` is train or test (folder: the held-out split).
+
+    cifar10 / stl10 / mnist come from torchvision, fetched into ``root`` when missing and ``download``
+    is on, from their home sites or from ``mirror`` (``data.mirror``); under torchrun rank 0 alone
+    fetches and the other ranks wait for it. Missing and not fetched: FileNotFoundError whose one-line
+    message says where it was looked for and how to place the files by hand."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in ("train", "test"):
@@ -184,25 +211,83 @@ def load_dataset(name: str, root: str = "./data", image_size: int | None = None,
     if name == "builtin":
         per_class = builtin_per_class if split == "train" else max(100, builtin_per_class // 5)
         return TensorImages(*make_builtin(per_class, image_size or 16, seed=0 if split == "train" else 1))
-    import torchvision.transforms as T
+    from .distributed import main_rank_first
+
+    return main_rank_first(lambda: _open_torchvision(name, root, image_size, split, download, mirror, mirror_md5))
+
+
+def load_data(d: dict, split: str = "train") -> Dataset:
+    """``load_dataset`` with the settings of a config's ``data`` section."""
+    return load_dataset(d["dataset"], d["root"], d["image_size"], split, d["download"], d["builtin_per_class"],
+                        d.get("mirror"), d.get("mirror_md5"))
+
+
+def torchvision_source(name: str, mirror: str | None = None, mirror_md5: str | None = None):
+    """torchvision's dataset class for ``name``, fetching from ``mirror`` (a base URL holding the files
+    under their usual names) when given. ``mirror_md5`` is the md5 of a re-packed cifar10/stl10 archive
+    on the mirror: the archive is checked against it instead of torchvision's sums (and its files are
+    then trusted). The subclass keeps torchvision's class name: MNIST's folder is named after it."""
     from torchvision import datasets as tv
 
+    base = {"cifar10": tv.CIFAR10, "stl10": tv.STL10, "mnist": tv.MNIST}[name]
+    if mirror_md5 and not mirror:
+        raise ValueError("data.mirror_md5 is the md5 of the archive on data.mirror: set data.mirror too")
+    if mirror_md5 and name == "mnist":
+        raise ValueError("data.mirror_md5 applies to cifar10 / stl10 archives; mnist's four files are checked "
+                         "against torchvision's sums: serve the original files on the mirror")
+    if not mirror:
+        return base
+    mirror = mirror.rstrip("/") + "/"
+    attrs: dict = {"mirrors": [mirror]} if name == "mnist" else {"url": mirror + base.filename}
+    if mirror_md5:
+        attrs.update(tgz_md5=mirror_md5.lower(), train_list=[[f, None] for f, _ in base.train_list],
+                     test_list=[[f, None] for f, _ in base.test_list])
+        if name == "cifar10":
+            attrs["meta"] = {**base.meta, "md5": None}
+    return type(base.__name__, (base,), attrs)
+
+
+def manual_placement(name: str, root: str) -> str:
+    """How to place a torchvision dataset under ``root`` by hand (the layout torchvision expects)."""
+    from torchvision import datasets as tv
+
+    if name == "mnist":
+        files = ", ".join(f for f, _ in tv.MNIST.resources)
+        return f"download {files} from {tv.MNIST.mirrors[0]} into {root}/MNIST/raw/"
+    cls = tv.CIFAR10 if name == "cifar10" else tv.STL10
+    inside = ("data_batch_1 ... data_batch_5, test_batch, batches.meta" if name == "cifar10" else
+              "train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, ...")
+    return (f"download {cls.url} into {root} (extracted on first use; with downloads off extract it there "
+            f"yourself: {root}/{cls.base_folder}/{inside})")
+
+
+def _open_torchvision(name, root, image_size, split, download, mirror, mirror_md5) -> Dataset:
+    import tarfile
+
+    import torchvision.transforms as T
+
+    source = torchvision_source(name, mirror, mirror_md5)
+    made_root = not Path(root).exists()
     size = image_size or {"cifar10": 32, "stl10": 64, "mnist": 28}[name]
     tf = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(0.5, 0.5)])  # [0,1] -> [-1,1]
     try:
-        if name == "cifar10":
-            return tv.CIFAR10(root, train=split == "train", transform=tf, download=download)
-        if name == "mnist":
-            return tv.MNIST(root, train=split == "train", transform=tf, download=download)
+        if name != "stl10":
+            return source(root, train=split == "train", transform=tf, download=download)
         # STL-10 as in the paper: the labelled train (5k) + test (8k) splits, 1300 images per class.
-        parts = [tv.STL10(root, split=s, transform=tf, download=download) for s in ("train", "test")]
+        parts = [source(root, split=s, transform=tf, download=download) for s in ("train", "test")]
         for p in parts:
             p.targets = p.labels.tolist()
         return _Concat(parts)
-    except RuntimeError as err:
-        raise FileNotFoundError(f"{name} not found under {root!r} and could not be downloaded ({err}); "
-                                f"download it there or point the data root at it (data.root=... in train.py, "
-                                f"--root in the other scripts)") from None
+    except (RuntimeError, OSError, EOFError, tarfile.TarError) as err:  # offline (URLError), corrupt, missing
+        where = str(Path(root).resolve())
+        if made_root and not any(p.is_file() for p in Path(root).rglob("*")):  # torchvision's empty folders
+            import shutil
+            shutil.rmtree(root, ignore_errors=True)
+        url = source.mirrors[0] if name == "mnist" else source.url
+        why = (f"could not be downloaded from {url} ({getattr(err, 'reason', None) or err})" if download else
+               "download is off (data.download=false / --no-download)")
+        raise FileNotFoundError(f"{name} not found under {where} and {why}; {manual_placement(name, where)}, or "
+                                f"point data.root (--root in the other scripts) at the folder that holds it") from None
 
 
 class _Concat(Dataset):

@@ -63,6 +63,33 @@ def init(device: str | None = None) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
+# Errors a rank re-raises when rank 0's ``main_rank_first`` work failed (by name: no pickled exceptions).
+_RERAISE = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
+
+
+def main_rank_first(fn):
+    """``fn()`` on rank 0 alone, then on the other ranks, which wait for it: a dataset download happens
+    once instead of every rank racing to write the same files (they find rank 0's files; data.root has
+    to be on a file system every node sees). When ``fn`` fails on rank 0 every rank raises its message,
+    so none is left waiting. One process: just ``fn()``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    failure: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:
+            dist.broadcast_object_list([(type(err).__name__, str(err))], src=0)
+            raise
+        dist.broadcast_object_list(failure, src=0)
+        return result
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        kind, message = failure[0]
+        raise _RERAISE.get(kind, RuntimeError)(message)
+    return fn()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -3,7 +3,8 @@
 ``DIR/<class name>/<image>``: one sub-folder per class, class index = position in the sorted folder
 names (torchvision's ``find_classes``; hidden folders such as ``.ipynb_checkpoints`` are left out).
 Files are recognised by torchvision's image extensions and decoded by PIL; every image is converted
-to RGB (grey and palette images repeated, alpha dropped), resized so its shorter side is
+to RGB (grey and palette images repeated, alpha dropped; 16-bit images read at their depth, scaled
+to 8 bits), resized so its shorter side is
 ``image_size`` and centre-cropped to a square (torchvision transforms), then held in memory as uint8.
 
 The held-out split is fixed and the same in every script (train.py, train_classifier.py,
@@ -13,7 +14,8 @@ not on which images decode, not on the RNG and not on the order the file system 
 (It is not a config key because every method reads the dataset through ``load_dataset`` with the
 same arguments; a constant cannot drift between pretraining, the classifier and the references.)
 
-Unreadable files are skipped with a warning naming how many; above MAX_UNREADABLE of the folder
+Unreadable files (and files over PIL's decompression-bomb limit) are skipped with a warning naming
+how many and why; above MAX_UNREADABLE of the folder
 the load is refused (something is wrong with the folder, not with a stray file).
 """
 from __future__ import annotations
@@ -88,21 +90,42 @@ def scan(root) -> dict:
     return {"classes": names, "files": files}
 
 
-def _decode(path: str, image_size: int) -> np.ndarray | None:
-    """(S, S, 3) uint8, or None when PIL cannot read the file."""
+def _to_8bit(img):
+    """16-bit grey (PIL modes I;16*, and I as older Pillow opens 16-bit PNGs) -> 8-bit L, scaled by
+    255/65535 (PIL's own convert clips at 255: every pixel above 255/65535 of the range turns white).
+    16-bit colour PNGs already arrive as 8-bit RGB (PIL keeps the high byte)."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8))  # mode L
+    return img
+
+
+def _decode(path: str, image_size: int) -> tuple[np.ndarray | None, str]:
+    """((S, S, 3) uint8, "") or (None, why) when the file cannot be used: PIL cannot read it, or it is
+    larger than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; a warning between 1x and 2x of
+    it is refused too: a training image that size is almost surely a broken or hostile file)."""
+    import warnings
+
     import torchvision.transforms as T
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("P", "PA", "LA", "La"):  # palette/alpha: through RGBA so transparency converts cleanly
-                img = img.convert("RGBA")
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = _to_8bit(img)
+                if img.mode in ("P", "PA", "LA", "La"):  # palette/alpha: through RGBA so transparency converts cleanly
+                    img = img.convert("RGBA")
+                img = img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, f"over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        return None, type(err).__name__
     img = T.CenterCrop(image_size)(T.Resize(image_size)(img))
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(img, dtype=np.uint8), ""
 
 
 @lru_cache(maxsize=4)
@@ -112,9 +135,9 @@ def _load(root: str, image_size: int, mtime_key: tuple) -> dict:
     for split, entries in info["files"].items():
         arrays, labels = [], []
         for path, label in entries:
-            a = _decode(path, image_size)
+            a, why = _decode(path, image_size)
             if a is None:
-                bad.append(path)
+                bad.append((path, why))
             else:
                 arrays.append(a)
                 labels.append(label)
@@ -123,7 +146,7 @@ def _load(root: str, image_size: int, mtime_key: tuple) -> dict:
         out[split] = (x, torch.tensor(labels, dtype=torch.long))
     total = sum(len(e) for e in info["files"].values())
     if bad:
-        listed = ", ".join(os.path.basename(p) for p in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        listed = ", ".join(f"{os.path.basename(p)}: {why}" for p, why in bad[:3]) + (" ..." if len(bad) > 3 else "")
         if len(bad) > MAX_UNREADABLE * total:
             raise FolderError(f"{len(bad)} of {total} image files in {root} are unreadable ({listed}), more than "
                               f"{MAX_UNREADABLE:.0%}; fix or remove them")

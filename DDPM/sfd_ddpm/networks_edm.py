@@ -169,7 +169,12 @@ class SongUNet(nn.Module):
         emb = self.embed_noise(c_noise)
         if self.map_label is not None:
             emb = emb + self.map_label(class_vector * math.sqrt(self.label_dim))
-        if self.map_augment is not None and augment_vector is not None:
+        if self.map_augment is not None:
+            # No augmentation labels (sampling, and training without EDM's augmentation pipe) means the
+            # all-zero vector, which adds exactly zero; feeding it through the layer keeps map_augment in
+            # the graph (with a zero gradient), as DistributedDataParallel requires of every parameter.
+            if augment_vector is None:
+                augment_vector = emb.new_zeros(emb.shape[0], self.augment_dim)
             emb = emb + self.map_augment(augment_vector)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
@@ -227,7 +232,7 @@ class EDMNetwork(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         x, sigma = x.float(), sigma.float().reshape(-1)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        # no augmentation labels: the augment input (if any) contributes nothing, as when sampling EDM
+        # no augmentation labels: the augment input (if any) receives zeros and contributes nothing
         F_x = self.model(c_in.view(-1, 1, 1, 1) * x, c_noise, self.class_vector(label))
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * F_x
 

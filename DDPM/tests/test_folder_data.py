@@ -69,8 +69,8 @@ def test_folder_images_are_rgb_square_and_labelled_by_sorted_folder(tree):
     assert sorted(set(train.targets)) == [0, 1, 2] and sorted(set(test.targets)) == [0, 1, 2]
     # a grey file is read as RGB with equal channels; every RGB file has unequal ones (coloured shapes)
     from sfd_ddpm.folder_data import _decode
-    grey = _decode(str(tree / "disc" / "img02.png"), 16)
-    rgba = _decode(str(tree / "disc" / "img03.png"), 16)
+    grey, _ = _decode(str(tree / "disc" / "img02.png"), 16)
+    rgba, _ = _decode(str(tree / "disc" / "img03.png"), 16)
     assert grey.shape == rgba.shape == (16, 16, 3)
     assert (grey[..., 0] == grey[..., 1]).all() and not (rgba[..., 0] == rgba[..., 2]).all()
     # the classes are what their folders say: disc red, square blue, stripes green (centre pixel of RGB files)

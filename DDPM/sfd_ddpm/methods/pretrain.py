@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import infinite_loader, load_dataset, split_by_label
+from ..data import infinite_loader, load_data, split_by_label, with_flip_resolved
 from ..diffusion import Denoiser, eps_loss, schedule_of
 from ..distributed import Dist
 from ..networks import build_network
@@ -19,6 +19,7 @@ class Pretrain:
     kind = "ddpm"
 
     def __init__(self, cfg: dict, dist: Dist, exclude_classes: tuple[int, ...] = ()):
+        cfg = with_flip_resolved(cfg)
         self.cfg, self.dist = cfg, dist
         tr = cfg["training"]
         self.schedule = schedule_of(cfg)
@@ -31,7 +32,7 @@ class Pretrain:
             raise ValueError("training.label_dropout > 0 needs a network with a null class: set model.null_class=true "
                              "(or training.label_dropout=0)")
         d = cfg["data"]
-        dataset = load_dataset(d["dataset"], d["root"], d["image_size"], "train", d["download"], d["builtin_per_class"])
+        dataset = load_data(d)
         if exclude_classes:  # retraining without the forget classes
             dataset, _ = split_by_label(dataset, list(exclude_classes), d["n_classes"])
         self.dataset = dataset

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoints import CheckpointError
-from ..data import infinite_loader, load_dataset, split_by_label
+from ..data import infinite_loader, load_data, split_by_label
 from ..diffusion import Denoiser, eps_loss
 from ..distributed import Dist
 from .common import unwrap
@@ -68,7 +68,7 @@ class SalUn(FineTune):
         super().__init__(cfg, dist)
         cfg = self.cfg   # with the teacher's data shape (image size, classes), not the YAML's defaults
         d = cfg["data"]
-        full = load_dataset(d["dataset"], d["root"], d["image_size"], "train", d["download"], d["builtin_per_class"])
+        full = load_data(d)
         self.remain_data, self.forget_data = split_by_label(full, cfg["baseline"]["forget"], d["n_classes"])
         if len(self.forget_data) == 0:
             raise ValueError(f"no training images of the forget classes {cfg['baseline']['forget']}")

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, load_into, load_weights
 from ..config import with_architecture
-from ..data import TensorImages, infinite_loader, load_dataset, split_by_label
+from ..data import TensorImages, infinite_loader, load_data, split_by_label, with_flip_resolved
 from ..diffusion import Denoiser, eps_loss, schedule_of
 from ..distributed import Dist
 from ..fisher import diagonal_fisher
@@ -140,7 +140,7 @@ class VDU:
             raise ValueError("vdu.forget needs at least one class")
         if pretrained is None:
             pretrained, cfg = self._load_pretrained(cfg)
-            self.cfg = cfg
+        cfg = self.cfg = with_flip_resolved(cfg)  # for the teacher's dataset
         n_classes = cfg["data"]["n_classes"]
         bad = [c for c in v["forget"] if not 0 <= int(c) < n_classes]
         if bad:
@@ -157,7 +157,7 @@ class VDU:
         self.mu = {n: p.detach() for n, p in self.mu_net.named_parameters()}
         if forget_data is None:
             d = cfg["data"]
-            dataset = load_dataset(d["dataset"], d["root"], d["image_size"], "train", d["download"], d["builtin_per_class"])
+            dataset = load_data(d)
             forget_data = forget_subset(dataset, [int(c) for c in v["forget"]], n_classes, v["forget_subset"], cfg["seed"])
         self.forget_data = forget_data
         self.local_batch = min(dist.local_batch(tr["batch_size"]), len(forget_data))
