@@ -107,7 +107,8 @@ train_stage() {  # train_stage STAGE_DIR CONFIG OVERRIDES...: reuse, resume or t
     shift 2
     local overrides=("data.root=$DATA_ROOT" "$@")
     stage "train $dir ($config)"
-    status=$("$PYTHON" "$STAGE" status "$dir" --config "$config" "${overrides[@]}")
+    status=none
+    if [ -d "$dir" ]; then status=$("$PYTHON" "$STAGE" status "$dir" --config "$config" "${overrides[@]}"); fi
     case $status in
         finished\ *)
             CKPT=${status#finished }
@@ -155,8 +156,9 @@ ensure_classifier() {
     CLASSIFIER="$OUT/classifier.safetensors"
     local cmd=(train_classifier.py --dataset "$DATASET" --root "$DATA_ROOT" --out "$CLASSIFIER" "${CLASSIFIER_ARGS[@]}")
     stage "classifier $CLASSIFIER (not in the estimate: one classifier for every row)"
-    local status
-    status=$("$PYTHON" "$STAGE" product "$CLASSIFIER" "${cmd[@]}")  # stops on a classifier made otherwise
+    local status=todo
+    # stops on a classifier made by other arguments
+    if [ -e "$CLASSIFIER" ]; then status=$("$PYTHON" "$STAGE" product "$CLASSIFIER" "${cmd[@]}"); fi
     if [ "$status" = done ]; then echo "   done: reuse $CLASSIFIER"; return; fi
     run "$PYTHON" "${cmd[@]}"  # writes atomically: a killed run leaves no classifier to reuse
     [ "$DRY_RUN" = 1 ] || "$PYTHON" "$STAGE" record "$CLASSIFIER" "${cmd[@]}"
@@ -168,8 +170,8 @@ ensure_reference() {  # real training images of the kept classes, the FID refere
     local cmd=(save_dataset.py --dataset "$DATASET" --root "$DATA_ROOT" --out "$REF.tmp" --exclude-class "$FORGET"
                ${REF_PER_CLASS:+--per-class "$REF_PER_CLASS"})
     stage "FID reference $REF"
-    local status
-    status=$("$PYTHON" "$STAGE" product "$REF" "${cmd[@]}")  # stops on a reference made otherwise
+    local status=todo
+    if [ -e "$REF" ]; then status=$("$PYTHON" "$STAGE" product "$REF" "${cmd[@]}"); fi  # stops on one made otherwise
     if [ "$status" = done ]; then echo "   done: reuse $REF"; return; fi
     run rm -rf "$REF.tmp"  # left by a killed save_dataset.py: never consumed
     run "$PYTHON" "${cmd[@]}"
@@ -182,11 +184,11 @@ train_method() {  # train_method ROW CONFIG ARGS...: runs into $OUT/ROW/train; s
 }
 
 metric() {  # metric RESULT INPUT... -- EVALUATE_ARGS...: evaluate.py unless RESULT was written by them after the inputs
-    local result=$1 inputs=() status
+    local result=$1 inputs=() status=todo
     shift
     while [ "$1" != -- ]; do inputs+=(--input "$1"); shift; done
     shift
-    status=$("$PYTHON" "$STAGE" metric "$result" "${inputs[@]}" -- "$@")
+    if [ -e "$result" ]; then status=$("$PYTHON" "$STAGE" metric "$result" "${inputs[@]}" -- "$@"); fi
     if [ "$status" = done ]; then
         echo "   done: reuse $result"
     else
@@ -204,8 +206,8 @@ sample_and_evaluate() {  # sample_and_evaluate ROW CKPT SAMPLE_ARGS...: images, 
     local net_config="configs/${DATASET}_train.yaml"
     [[ $row == edm_* ]] && net_config="configs/${DATASET}_edm_train.yaml"
     stage "$row: samples $samples"
-    local status
-    status=$("$PYTHON" "$STAGE" samples "$samples" "$ckpt" "${sample_args[@]}")
+    local status=todo
+    if [ -e "$samples" ]; then status=$("$PYTHON" "$STAGE" samples "$samples" "$ckpt" "${sample_args[@]}"); fi
     if [ "$status" = done ]; then
         echo "   done: reuse $samples"
     else

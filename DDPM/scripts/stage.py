@@ -69,7 +69,17 @@ def lock_holder(run_dir: Path) -> dict | None:
             return None  # killed: train.py --resume takes the stale lock over
         except PermissionError:
             pass
+        if _zombie(holder["pid"]):
+            return None
     return holder
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process not yet reaped by its parent (Linux /proc; elsewhere: assume not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def run_config(run_dir: Path) -> dict | None:
