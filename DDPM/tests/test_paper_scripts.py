@@ -109,12 +109,16 @@ def test_samples_and_metrics_are_reused_only_when_complete_and_current(tmp_path)
     samples = tmp_path / "row" / "samples"
     samples.mkdir(parents=True)
     args = ["--per-class", "2", "--sampler", "ddim", "--steps", "2", "--guidance", "0"]
-    settings = {"checkpoint_sha256": stage.file_hash(ckpt), "per_class": 2, "images_per_class": {"0": 2, "1": 1},
+    # killed before sample.py's final settings.json (complete: false), even with every image written
+    settings = {"checkpoint_sha256": stage.file_hash(ckpt), "per_class": 2, "images_per_class": {"0": 2, "1": 2},
                 "complete": False}
     (samples / "settings.json").write_text(json.dumps(settings))
     stage.command_file(samples).write_text(json.dumps({"command": args}))
     assert not stage.samples_done(samples, ckpt, args)  # interrupted: sample.py completes it
-    settings.update(complete=True, images_per_class={"0": 2, "1": 2})
+    settings.update(complete=True, images_per_class={"0": 2, "1": 1})
+    (samples / "settings.json").write_text(json.dumps(settings))
+    assert not stage.samples_done(samples, ckpt, args)  # an image missing
+    settings.update(images_per_class={"0": 2, "1": 2})
     (samples / "settings.json").write_text(json.dumps(settings))
     assert stage.samples_done(samples, ckpt, args)
     assert not stage.samples_done(samples, ckpt, [*args[:-1], "2"])  # another guidance
