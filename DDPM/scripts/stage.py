@@ -117,14 +117,23 @@ def _same(a, b) -> bool:
     return a == b
 
 
+# A method that starts from a checkpoint takes these from it (config.with_architecture), whatever was asked.
+ADOPTED = tuple(f"{s}." for s in C.ARCHITECTURE_SECTIONS) + tuple(f"data.{k}" for k in C.ARCHITECTURE_DATA_KEYS)
+
+
 def differences(cfg: dict, overrides: list[str]) -> list[str]:
     """The KEY=VALUE settings asked for now that the run's config.json does not have."""
     have = _flatten(cfg)
+    adopts = cfg.get("method") not in ("pretrain", "retrain")
+    asked = {}
+    for text in overrides:  # a later KEY=VALUE wins, as in train.py
+        asked.update(_flatten(C.parse_override(text)))
     diffs = []
-    for text in overrides:
-        for key, want in _flatten(C.parse_override(text)).items():
-            if key not in have or not _same(have[key], want):
-                diffs.append(f"{key}: run has {have.get(key, '(missing)')!r}, asked for {want!r}")
+    for key, want in asked.items():
+        if adopts and key.startswith(ADOPTED):
+            continue
+        if key not in have or not _same(have[key], want):
+            diffs.append(f"{key}: run has {have.get(key, '(missing)')!r}, asked for {want!r}")
     return diffs
 
 

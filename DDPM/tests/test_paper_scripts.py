@@ -42,11 +42,12 @@ def write_safetensors(path: Path, n_bytes: int = 16, truncate: int = 0) -> None:
     path.write_bytes(data[:len(data) - truncate])
 
 
-def make_run(stage_dir: Path, name: str, n_iters: int, states=(), snapshots=(), overrides: dict | None = None) -> Path:
+def make_run(stage_dir: Path, name: str, n_iters: int, states=(), snapshots=(), overrides: dict | None = None,
+             method: str = "pretrain") -> Path:
     """A run folder as train.py leaves it: config.json, training states and snapshots."""
     run = stage_dir / name
     run.mkdir(parents=True)
-    cfg = {"method": "pretrain", "training": {"n_iters": n_iters, "batch_size": 8}, "data": {"root": "./data"}}
+    cfg = {"method": method, "training": {"n_iters": n_iters, "batch_size": 8}, "data": {"root": "./data"}}
     for key, value in (overrides or {}).items():
         section, leaf = key.split(".")
         cfg.setdefault(section, {})[leaf] = value
@@ -77,14 +78,17 @@ def test_stage_status_finished_unfinished_none(tmp_path):
 
 def test_stage_status_prefers_finished_and_refuses_other_settings(tmp_path):
     d = tmp_path / "sfd" / "train"
-    old = make_run(d, "00000-builtin_sfd", 4, states=(4,), snapshots=(4,), overrides={"sfd.forget": [0]})
-    make_run(d, "00001-builtin_sfd", 4, states=(2,), overrides={"sfd.forget": [0]})
+    old = make_run(d, "00000-builtin_sfd", 4, states=(4,), snapshots=(4,), overrides={"sfd.forget": [0]}, method="sfd")
+    make_run(d, "00001-builtin_sfd", 4, states=(2,), overrides={"sfd.forget": [0]}, method="sfd")
     assert stage.stage_status(d, ["sfd.forget=[0]"]) == ("finished", old / "network-0000004.safetensors")
     # asked for other settings than any run holds: refused with the difference, not reused
     with pytest.raises(stage.StageError, match=r"sfd.forget: run has \[0\], asked for \[3\]"):
         stage.stage_status(d, ["sfd.forget=[3]"])
     with pytest.raises(stage.StageError, match="made from builtin_sfd.yaml, asked for builtin_sid.yaml"):
         stage.stage_status(d, ["sfd.forget=[0]"], "configs/builtin_sid.yaml")
+    # a method starting from a checkpoint takes its architecture from it, whatever was asked
+    assert stage.stage_status(d, ["sfd.forget=[0]", "model.base_channels=64"])[0] == "finished"
+    assert stage.stage_status(d, ["sfd.forget=[3]", "sfd.forget=[0]"])[0] == "finished"  # the last one wins
     # a path written another way is the same setting; numbers compare by value
     assert stage.stage_status(d, ["training.n_iters=4.0", f"data.root={Path.cwd() / 'data'}"])[0] == "finished"
 
