@@ -95,9 +95,10 @@ estimate() {  # estimate train|sample|fid ARGS...: print a stage's GPU-hours (sc
 
 finish() {  # on exit: the total of the estimates
     if [ "$1" = 0 ]; then
-        printf '== estimate: %.3g GPU-hours in all (about %.3g hours on NUM_GPUS=%s) for the work %s; assumed throughputs, see scripts/stage.py\n' \
+        printf '== estimate: %.3g GPU-hours in all (about %.3g hours on NUM_GPUS=%s) for the work %s\n' \
             "$EST_TOTAL" "$(awk -v a="$EST_TOTAL" -v n="$NUM_GPUS" 'BEGIN { print a / n }')" "$NUM_GPUS" \
             "$([ "$DRY_RUN" = 1 ] && echo "a run would do (DRY_RUN: nothing was run)" || echo "this run did")"
+        echo "   $("$PYTHON" "$STAGE" estimate assumptions)"
     fi
 }
 trap 'finish $?' EXIT
@@ -223,7 +224,8 @@ sample_and_evaluate() {  # sample_and_evaluate ROW CKPT SAMPLE_ARGS...: images, 
     [ "$FID_FEATURES" = classifier ] && fid_args+=(--classifier "$CLASSIFIER" --metrics fid)
     [ -n "$INCEPTION_WEIGHTS" ] && fid_args+=(--inception-weights "$INCEPTION_WEIGHTS")
     METRIC_ESTIMATE=$net_config metric "$OUT/$row/fid.json" "$samples/settings.json" "$CLASSIFIER" "$REF" -- \
-        fid --images "$samples" --ref "$REF" --exclude "$FORGET" --out "$OUT/$row/fid.json" --no-progress "${fid_args[@]}"
+        fid --images "$samples" --ref "$REF" --exclude "$FORGET" --out "$OUT/$row/fid.json" --no-progress \
+        "${fid_args[@]}"
     if [ "$ATTACKS" = 1 ]; then
         # the attack draws images the way this row samples: same guidance (one-step rows ignore it)
         local guidance

@@ -8,7 +8,8 @@ FISHER="$OUT/sa/fisher.safetensors"
 stage "Fisher $FISHER (not in the estimate: 1000 DDIM samples and their gradients, small beside training)"
 status=todo
 if [ -e "$FISHER" ]; then
-    status=$("$PYTHON" "$STAGE" product "$FISHER" --ckpt "$TEACHER" --samples 1000 --timesteps-stride 10 "${FISHER_ARGS[@]}")
+    status=$("$PYTHON" "$STAGE" product "$FISHER" --ckpt "$TEACHER" --samples 1000 --timesteps-stride 10 \
+        "${FISHER_ARGS[@]}")
 fi
 if [ "$status" = done ]; then
     echo "   done: reuse $FISHER"

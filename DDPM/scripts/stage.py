@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """What a paper-table script (scripts/common.sh) may reuse, resume or must run, and what it will cost.
 
-    python scripts/stage.py status STAGE_DIR [KEY=VALUE...]   none | unfinished RUN_DIR | finished CHECKPOINT
+    python scripts/stage.py status STAGE_DIR [--config YAML] [KEY=VALUE...]
+                                                         none | unfinished RUN_DIR | finished CHECKPOINT
     python scripts/stage.py samples DIR CKPT [SAMPLE_ARGS...]  done | todo
     python scripts/stage.py metric JSON --input FILE... -- EVALUATE_ARGS...   done | todo
     python scripts/stage.py product PATH [ARGS...]             done | todo (a classifier, the FID reference)
     python scripts/stage.py record FILE [ARGS...]              write the command a product was made with
     python scripts/stage.py estimate train|sample|fid ...       GPU-hours, tab, what was counted
+    python scripts/stage.py estimate assumptions               the throughputs the estimates assume
 
 A *stage folder* holds the train.py runs of one stage (train.py --outdir STAGE_DIR). A run is
 *finished* when it reached its configured length: its config.json's training.n_iters = N and a complete
@@ -230,7 +232,7 @@ def metric_done(result, inputs: list[str], args: list[str]) -> bool:
 # GPU prints images/s of a training step and of one network evaluation); set the EST_* variables.
 EST_TRAIN_IMG_S = float(os.environ.get("EST_TRAIN_IMG_S", 400))
 """images/s per GPU of one training step (forward + backward) of the 35.7M-parameter CIFAR-10 UNet at 32 px
-in fp32 (assumed for an A100-class GPU)."""
+in fp32: an order-of-magnitude guess for an A100-class GPU, not a measurement."""
 EST_EVAL_IMG_S = float(os.environ.get("EST_EVAL_IMG_S", 3 * EST_TRAIN_IMG_S))
 """network evaluations (one image, forward only) per s per GPU: 3x the training rate (benchmarks/bench.py
 measured 3.4x on CPU: 1454.6 ms per evaluation vs 4930.6 ms per training step, batch 16; DDPM README)."""
@@ -345,6 +347,14 @@ def estimate():
     """GPU-hours of one stage at its configured scale: prints HOURS<tab>WHAT WAS COUNTED."""
 
 
+@estimate.command("assumptions")
+def estimate_assumptions():
+    click.echo(f"assumed, not measured: EST_TRAIN_IMG_S={EST_TRAIN_IMG_S:g} training images/s per GPU, "
+               f"EST_EVAL_IMG_S={EST_EVAL_IMG_S:g} network evaluations/s, EST_FID_IMG_S={EST_FID_IMG_S:g} feature "
+               f"images/s, EST_EDM_COST={EST_EDM_COST:.2f} (EDM network / DDPM UNet), SFD/SiD iteration = "
+               f"{STEP_COST['sfd']:g} training steps; see scripts/stage.py and set your GPU's numbers")
+
+
 @estimate.command("train")
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
@@ -372,7 +382,7 @@ def estimate_sample(config, per_class, sampler, steps, guidance):
     n = nfe(cfg, sampler, steps, guidance)
     scale = EST_EDM_COST if cfg["model"].get("arch") == "songunet" else 1.0
     hours = images * n * scale / EST_EVAL_IMG_S / 3600
-    click.echo(f"{hours:.6g}\t{images} images x {n} NFE at {EST_EVAL_IMG_S / scale:g} evaluations/s per GPU")
+    click.echo(f"{hours:.6g}\t{images} images x {n} NFE at {EST_EVAL_IMG_S / scale:.0f} evaluations/s per GPU")
 
 
 @estimate.command("fid")
