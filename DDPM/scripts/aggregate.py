@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Collect the rows written by the paper-table scripts into one markdown table beside SPEC section 7.
+"""Collect the rows written by the paper-table scripts into one Markdown table beside the paper's numbers.
 
 Reads OUT/<row>/ua.json, OUT/<row>/fid.json (evaluate.py) and OUT/<row>/samples/settings.json (sample.py:
 how the images were drawn) for the paper's rows pretrained, sfd, retrain, sa, salun, esd (missing ones
@@ -8,10 +8,12 @@ rows sfd_guided, sid, sfd_2stage_authors, sfd_2stage and the EDM rows edm_teache
 Writes OUT/table.md (and prints it) and OUT/table.json. Every row names its sampling protocol (sampler,
 steps, guidance, NFE: sfd_ddpm.protocol, the same labels as the demo and `make compare`). The reference
 columns are the authors' own CIFAR-10 numbers (class 0 forgotten, FID on classes 1-9 against their 45k
-training images), placed beside the variant they sampled; they are comparable only with DATASET=cifar10
-at real scale and FID_FEATURES=inception. Rows with OUT/<row>/attack.json (evaluate.py attack, run by
-the scripts unless ATTACKS=0) add the attack columns: success rate of the noise search and of the better
-label-embedding search at the largest budget (--no-attacks leaves them out).
+training images), from the authors' evaluation logs of the SFD paper (Chen, Zhang and Zhou, "Score
+Forgetting Distillation", ICLR 2025, arXiv:2409.11219), each placed beside the variant they sampled; they
+are comparable only with DATASET=cifar10 at real scale and FID_FEATURES=inception. Rows with
+OUT/<row>/attack.json (evaluate.py attack, run by the scripts unless ATTACKS=0) add the attack columns:
+success rate of the noise search and of the better label-embedding search at the largest budget
+(--no-attacks leaves them out).
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ EXTRA_ROWS = [("sfd_guided", "SFD one-step, guided teacher (ours)"), ("sid", "Si
 # EDM backbone (scripts/edm_*.sh): listed only when run; the authors report no class-forgetting
 # reference numbers for them (EDM's teacher FID 1.79 and SiD's 1.71 are over all ten classes).
 EDM_ROWS = [("edm_teacher", "EDM teacher (Heun-18)"), ("edm_sid", "SiD one-step (EDM)"), ("edm_sfd", "SFD one-step (EDM)")]
-# SPEC section 7, keyed by the row sampled as the authors sampled it: (guidance, IS, FID, precision, recall);
-# SA has no reference number. The authors' ESD and SalUn numbers are guided (w = 2), the others not.
+# From the authors' evaluation logs of the SFD paper (arXiv:2409.11219), keyed by the row sampled as the
+# authors sampled it: (guidance, IS, FID, precision, recall); SA has no reference number.
+# The authors' ESD and SalUn numbers are guided (w = 2), the others not.
 REFERENCE = {"pretrained": (0, 9.07, 4.84, 0.692, 0.553), "sfd": (0, 9.53, 5.32, 0.659, 0.547),
              "retrain": (0, 8.34, 7.94, 0.642, 0.520), "esd_guided": (2, 9.78, 12.68, 0.771, 0.385),
              "salun_guided": (2, 9.41, 11.25, 0.781, 0.318)}
@@ -122,15 +125,15 @@ def table(rows: list[dict], attacks: bool = True) -> str:
     attacks = attacks and bool(budgets)
     at = "@" + "/".join(map(str, budgets)) if attacks else ""
     extra = f" noise attack {at} | embedding attack {at} |" if attacks else ""
-    head = (f"| model | sampling (NFE per image) | UA | remaining acc | FID (ours) | IS | precision | recall |{extra}| "
+    head = (f"| model | sampling (NFE per image) | UA | remaining acc | FID (ours) | IS | precision | recall |{extra} "
             "ref. w | ref. IS | ref. FID | ref. precision | ref. recall |")
-    lines = [head, "|---|---|---|---|---|---|---|---|" + ("---|---|" if attacks else "") + "|---|---|---|---|---|"]
+    lines = [head, "|" + "---|" * head.count(" |")]  # one delimiter cell per header cell (GFM tables)
     for r in rows:
         ref = REFERENCE.get(r["row"], (None,) * 5)
         keys = ("ua", "remaining_acc", "fid", "is_mean", "precision", "recall") + (
             ("noise_attack", "embedding_attack") if attacks else ())
         ours = [_fmt(r.get(k)) for k in keys] if r["ran"] else ["not run"] + ["-"] * (len(keys) - 1)
-        lines.append(f"| {r['name']} | {r.get('protocol', {}).get('label', '-')} | {' | '.join(ours)} || {' | '.join(_fmt(v, 2) for v in ref)} |")
+        lines.append(f"| {r['name']} | {r.get('protocol', {}).get('label', '-')} | {' | '.join(ours)} | {' | '.join(_fmt(v, 2) for v in ref)} |")
     return "\n".join(lines)
 
 
@@ -139,14 +142,14 @@ def table(rows: list[dict], attacks: bool = True) -> str:
               help="The scripts' OUT folder (e.g. runs/paper-cifar10).")
 @click.option("--no-attacks", is_flag=True, help="Leave out the attack columns even where attack.json exists.")
 def main(out, no_attacks):
-    """Write OUT/table.md: our numbers beside the reference numbers of SPEC section 7."""
+    """Write OUT/table.md: our numbers beside the SFD paper's reference numbers (arXiv:2409.11219)."""
     out = Path(out)
     rows = collect(out)
     if not any(r["ran"] for r in rows):
         raise click.ClickException(f"no evaluated rows (ROW/ua.json + ROW/fid.json) under {out}")
     kinds = sorted({r["fid_kind"] for r in rows if r["ran"]})
     text = (f"# Class forgetting ({out})\n\nOur FID: {', '.join(kinds)} features. Reference: the authors' CIFAR-10 "
-            f"evaluation logs (SPEC section 7; class 0 forgotten, FID on classes 1-9)."
+            f"evaluation logs of the SFD paper (arXiv:2409.11219; class 0 forgotten, FID on classes 1-9)."
             + ("" if no_attacks or not any("attack_budget" in r for r in rows) else
                " Attack columns: share of attacked images classified as the forget class after that many gradient "
                "steps of a white-box search (evaluate.py attack; see README, \"Attacks\").")

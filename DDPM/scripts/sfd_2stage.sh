@@ -5,7 +5,7 @@
 #   sfd_2stage_authors  sfd.stage2_teacher=stage1_fake_score: the authors' code, which (through its
 #                       init_ckpt_0 bug) used the stage-1 fake score as the teacher; this produced the
 #                       paper's two-stage numbers;
-#   sfd_2stage          sfd.stage2_teacher=original: our default (SPEC section 3), the pretrained teacher.
+#   sfd_2stage          sfd.stage2_teacher=original: our default, the pretrained teacher.
 # One-step samples, no guidance. STAGE1=<stage-1 network-*.safetensors> skips stage 1.
 # Real scale: NUM_GPUS=4 TEACHER=... bash scripts/sfd_2stage.sh (2 x 50k iterations + 50k for stage 1).
 # Variables: see scripts/common.sh.

@@ -306,4 +306,4 @@ def test_aggregate_attack_columns_and_no_attacks(tmp_path):
     assert "| SalUn | - | not run | - | - | - | - | - | - | - |" in table
     assert run("--no-attacks").returncode == 0
     table = (tmp_path / "table.md").read_text()
-    assert "attack" not in table.split("\n", 1)[1] and "| SFD one-step | - | 0.900 | 0.800 | 3.000 | - | - | - || 0 | 9.53 |" in table
+    assert "attack" not in table.split("\n", 1)[1] and "| SFD one-step | - | 0.900 | 0.800 | 3.000 | - | - | - | 0 | 9.53 |" in table

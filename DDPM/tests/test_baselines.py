@@ -305,6 +305,13 @@ def test_paper_table_scripts_run_end_to_end(tmp_path):
     for row, proc in procs.items():
         output = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, f"scripts/{row}.sh failed:\n{output[-4000:]}"
+    # run twice: the second time every stage is reused (no command runs, no file changes)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = {row: launch(row) for row in ("pretrained", *procs)}
+    for row, proc in again.items():
+        output = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0 and "\n+ " not in output and "reuse" in output, f"{row}:\n{output[-4000:]}"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     # one protocol: every multi-step model unguided and guided, every one-step generator once
     for row in ("pretrained", "retrain", "sa", "salun", "esd"):
         assert (out / f"{row}_guided").exists() == (row in guided), row

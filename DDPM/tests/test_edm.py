@@ -375,6 +375,13 @@ def test_edm_paper_table_rows_run_end_to_end(tmp_path):
                               timeout=900)
         assert proc.returncode == 0, f"scripts/{row}.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         assert (out / row / "ua.json").exists() and (out / row / "fid.json").exists()
+    # run twice: the second time every stage is reused (no command runs, no file changes)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for row in ("edm_teacher", "edm_sid", "edm_sfd"):
+        proc = subprocess.run(["bash", f"scripts/{row}.sh"], cwd=TREE, env=env, text=True, capture_output=True,
+                              timeout=900)
+        assert proc.returncode == 0 and "\n+ " not in proc.stdout and "reuse" in proc.stdout, proc.stdout[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     settings = json.loads((out / "edm_teacher" / "samples" / "settings.json").read_text())
     assert settings["sampler"] == "edm" and settings["nfe_per_image"] == 3
     agg = subprocess.run([sys.executable, "scripts/aggregate.py", "--out", out], cwd=TREE, text=True,
