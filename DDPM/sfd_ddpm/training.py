@@ -3,8 +3,10 @@
 A method (see ``methods/``) builds its networks and optimizers and implements ``train_step``; this
 loop owns everything around it. Only rank 0 writes files. A training state (every rank's RNG state
 included) is saved every ``training.state_every`` iterations and at the end, so ``--resume`` continues
-exactly; the newest ``training.keep_states`` are kept (``rotation.py``). A non-finite loss stops the run with a message naming the step and the term, before
-anything is overwritten.
+exactly; the newest ``training.keep_states`` are kept (``rotation.py``). A non-finite loss stops the
+run with a message naming the step and the term, before anything is overwritten. SIGTERM/SIGUSR1
+(a cluster's preemption notice) end the current iteration, save its state and raise ``Preempted``
+(``preemption.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from . import checkpoints, rotation
 from .config import to_json
 from .distributed import Dist
+from .preemption import Preempted, StopSignal
 
 
 
@@ -98,30 +101,44 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
                dynamic_ncols=True)
     record, t_last, step_last = {}, time.perf_counter(), start
     t_start = time.perf_counter()
-    for step in range(start, n_iters):
-        losses = method.train_step(step)
-        for term, value in losses.items():
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped and "
-                                    f"the last good checkpoint in {run_dir} is kept")
-        done = step + 1
-        if done % tr["log_every"] == 0 or done == n_iters:
-            now = time.perf_counter()
-            record = {"step": done, "images_seen": done * tr["batch_size"],
-                      "images_per_s": (done - step_last) * tr["batch_size"] / max(now - t_last, 1e-9),
-                      "seconds": now - t_start, **{k: float(v) for k, v in losses.items()}}
-            t_last, step_last = now, done
-            if dist.is_main and run_dir is not None:
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
-        if done in snaps:
-            _snapshot(method, cfg, run_dir, dist, done)
-        if done % tr["state_every"] == 0 or done == n_iters:
-            _save_state(method, run_dir, dist, done, tr["keep_states"])
-        bar.update(1)
+    with StopSignal() as stop:
+        for step in range(start, n_iters):
+            losses = method.train_step(step)
+            for term, value in losses.items():
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped and "
+                                        f"the last good checkpoint in {run_dir} is kept")
+            done = step + 1
+            if done % tr["log_every"] == 0 or done == n_iters:
+                now = time.perf_counter()
+                record = {"step": done, "images_seen": done * tr["batch_size"],
+                          "images_per_s": (done - step_last) * tr["batch_size"] / max(now - t_last, 1e-9),
+                          "seconds": now - t_start, **{k: float(v) for k, v in losses.items()}}
+                t_last, step_last = now, done
+                if dist.is_main and run_dir is not None:
+                    with open(run_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+            if done in snaps:
+                _snapshot(method, cfg, run_dir, dist, done)
+            if done % tr["state_every"] == 0 or done == n_iters:
+                _save_state(method, run_dir, dist, done, tr["keep_states"])
+            bar.update(1)
+            if done < n_iters and stop.agreed(dist):
+                _stop(method, cfg, run_dir, dist, done, stop, bar)
     bar.close()
     return record
+
+
+def _stop(method, cfg, run_dir, dist, done: int, stop: StopSignal, bar) -> None:
+    """Save the state of iteration ``done`` (unless its scheduled save just did) and raise Preempted."""
+    tr = cfg["training"]
+    if done % tr["state_every"]:
+        _save_state(method, run_dir, dist, done, tr["keep_states"])
+    bar.close()
+    raise Preempted(f"stopped by {stop.received or 'a signal to another rank'} after iteration {done} of "
+                    f"{tr['n_iters']}; its training state is saved: continue with `train.py --resume {run_dir}`",
+                    done)
 
 
 def _snapshot(method, cfg, run_dir, dist, done: int) -> None:
