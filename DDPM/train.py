@@ -193,6 +193,8 @@ def run(cfg, config_path, outdir, resume_dir, device):
     finally:
         if locked:
             run_guard.unlock(run_dir)
+        if preempted:
+            dist.barrier()  # every rank is done before one exits (torchrun then stops the others)
         distributed.shutdown()
     if preempted:
         sys.exit(EXIT_PREEMPTED)

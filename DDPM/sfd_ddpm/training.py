@@ -10,8 +10,10 @@ run with a message naming the step and the term, before anything is overwritten.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -33,13 +35,28 @@ class NonFiniteLoss(RuntimeError):
 
 
 def new_run_dir(outdir, desc: str) -> Path:
-    """``outdir/NNNNN-desc``, numbered after the runs already there."""
+    """Create ``outdir/NNNNN-desc``, numbered after the runs already there.
+
+    The number is claimed atomically: the scan and the exclusive mkdir happen under a lock on
+    ``outdir`` itself (released on close or when the process dies), and a name that appeared
+    meanwhile makes the next number be tried, so two runs started together never share a folder or
+    a number."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
-    run = outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
-    run.mkdir()
-    return run
+    fd = os.open(outdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for _ in range(1000):
+            ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
+            run = outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
+            try:
+                run.mkdir()
+                return run
+            except FileExistsError:
+                continue  # made by a writer that does not take the lock: the rescan counts it
+    finally:
+        os.close(fd)
+    raise FileExistsError(f"could not claim a new run folder in {outdir}")
 
 
 def snapshot_steps(n_iters: int, every: int, early: int) -> set[int]:

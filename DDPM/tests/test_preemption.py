@@ -91,3 +91,39 @@ def test_signal_saves_a_state_exits_75_and_resume_is_exact(tmp_path, tiny_teache
     assert res.exit_code == 0, res.output
     a, b = weights(only_run(tmp_path / "straight"), 4), weights(run, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # one torchrun launch of 2 ranks (~30-40 s on 2 shared cores)
+@pytest.mark.subprocess
+def test_ranks_stop_together_when_only_one_gets_the_signal(tmp_path):
+    """torchrun, 2 ranks: rank 1 alone is signalled in iteration 1; both finish iteration 1 and stop, the
+    state holds both ranks' random states, and torchrun reports exit code 75."""
+    import subprocess
+    import sys
+
+    from conftest import TREE
+
+    out = tmp_path / "runs"
+    args = ["--config", TREE / "configs/builtin_train.yaml", "--outdir", out, *TINY, "training.n_iters=4",
+            "training.state_every=100", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TREE / "tests/preempt_probe.py"),
+           "1", "0", *map(str, args)]
+    cwd = tmp_path / "probe"
+    cwd.mkdir()
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TREE)},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:  # ranks that disagree would hang in mismatched collectives: stop the whole group, not just torchrun
+        _, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0 and "exitcode  : 75" in stderr, stderr  # torchrun reports a failure
+    for rank in (0, 1):
+        assert json.loads((cwd / f"rank{rank}.json").read_text()) == {"step": 1}, rank
+    assert "stopped by a signal to another rank after iteration 1 of 4" in stderr  # rank 0's message
+    run = only_run(out)
+    state = torch.load(run / "training-state-0000001.pt", weights_only=True)
+    assert state["step"] == 1 and len(state["rng"]) == 2
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1]

@@ -550,19 +550,19 @@ def _train(cfg: TrainConfig) -> Path:
     dist = distributed.init(cfg.device)
     precision = resolve_precision(cfg.precision, dist.device)
     per_gpu, micro, rounds = cfg.batch_layout(dist.world_size)
-    if inputs.resume_state is not None:
-        run_dir = inputs.resume_path.parent
-    else:
-        run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision))
-                                             if dist.is_main else None))
-    if dist.is_main and run_dir.is_dir():
+    # A resumed run (or an explicit run_dir) has its folder; a new one is numbered once the models load.
+    run_dir = inputs.resume_path.parent if inputs.resume_state is not None else cfg.run_dir and Path(cfg.run_dir)
+    if dist.is_main and run_dir and run_dir.is_dir():
         checkpoints.lock_run_dir(run_dir)  # a second writer stops here, before loading any model
     # The disk plan comes from the UNet config alone, so a full disk is refused before any model loads.
     plan = disk.plan_for_run(cfg, int(inputs.resume_state["cur_nimg"]) if inputs.resume_state is not None else 0)
-    disk.check_free_space(run_dir, plan)
+    disk.check_free_space(run_dir or Path(cfg.outdir), plan)
     run = build(cfg, dist, precision)
     if inputs.resume_state is not None:
         restore(run, inputs.resume_state)
+    if not run_dir:  # every input proved valid: claim the folder (atomically, see new_run_dir)
+        run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision))
+                                             if dist.is_main else None))
     run.run_dir = run_dir
     guidance = guidance_settings(cfg)
     run.step = SFDStep(cfg, run.nets, inputs.sampler, guidance, dist, run.opt_fake, run.opt_gen,
