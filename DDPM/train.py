@@ -157,6 +157,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
     from sfd_ddpm import distributed, run_guard
     from sfd_ddpm.checkpoints import CheckpointError
     from sfd_ddpm.methods import get_method
+    from sfd_ddpm.preemption import EXIT_PREEMPTED, Preempted
     from sfd_ddpm.training import NonFiniteLoss, new_run_dir, train
 
     import torch
@@ -170,7 +171,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
     dist = distributed.init(None if device == "auto" else device)
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank; train() then seeds seed + rank
     run_dir = Path(resume_dir) if resume_dir else None
-    locked = False
+    locked = preempted = False
     try:
         if run_dir is not None and dist.is_main:  # before any work: a second writer of this run stops here
             locked = bool(run_guard.lock(run_dir))
@@ -182,6 +183,10 @@ def run(cfg, config_path, outdir, resume_dir, device):
         if dist.is_main:
             run_guard.remove_stale_temporaries(run_dir)  # left by a killed write
         train(method, method.cfg, run_dir, dist, resume=bool(resume_dir))  # with the architecture it adopted
+    except Preempted as stop:  # SIGTERM/SIGUSR1: the state is saved; the job scheduler may requeue us
+        if dist.is_main:
+            click.echo(f"preempted: {stop}", err=True)
+        preempted = True
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, C.ConfigError, run_guard.RunLocked) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:
@@ -189,7 +194,11 @@ def run(cfg, config_path, outdir, resume_dir, device):
     finally:
         if locked:
             run_guard.unlock(run_dir)
+        if preempted:
+            dist.barrier()  # every rank is done before one exits (torchrun then stops the others)
         distributed.shutdown()
+    if preempted:
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ directory):
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,10 +64,15 @@ def main(config_path, overrides, resume, allow_changed_settings, dry_run, list_k
             click.echo(json.dumps(cfg.to_json(), indent=2))
             return
         from sfd_sd import distributed
+        from sfd_sd.preemption import EXIT_PREEMPTED, Preempted
         from sfd_sd.training import train
 
         try:
             train(cfg)
+        except Preempted as stop:  # SIGTERM/SIGUSR1: the state is saved; the job scheduler may requeue us
+            if os.environ.get("RANK", "0") == "0":  # one message, not one per process
+                click.echo(f"preempted: {stop}", err=True)
+            sys.exit(EXIT_PREEMPTED)
         finally:
             distributed.shutdown()
     except (C.ConfigError, PromptError, ModelLoadError, CheckpointError, FileNotFoundError) as exc:

@@ -3,13 +3,17 @@
 A method (see ``methods/``) builds its networks and optimizers and implements ``train_step``; this
 loop owns everything around it. Only rank 0 writes files. A training state (every rank's RNG state
 included) is saved every ``training.state_every`` iterations and at the end, so ``--resume`` continues
-exactly; the newest ``training.keep_states`` are kept (``rotation.py``). A non-finite loss stops the run with a message naming the step and the term, before
-anything is overwritten.
+exactly; the newest ``training.keep_states`` are kept (``rotation.py``). A non-finite loss stops the
+run with a message naming the step and the term, before anything is overwritten. SIGTERM/SIGUSR1
+(a cluster's preemption notice) end the current iteration, save its state and raise ``Preempted``
+(``preemption.py``).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from tqdm import tqdm
 from . import checkpoints, rotation
 from .config import to_json
 from .distributed import Dist
+from .preemption import Preempted, StopSignal
 
 
 
@@ -30,13 +35,28 @@ class NonFiniteLoss(RuntimeError):
 
 
 def new_run_dir(outdir, desc: str) -> Path:
-    """``outdir/NNNNN-desc``, numbered after the runs already there."""
+    """Create ``outdir/NNNNN-desc``, numbered after the runs already there.
+
+    The number is claimed atomically: the scan and the exclusive mkdir happen under a lock on
+    ``outdir`` itself (released on close or when the process dies), and a name that appeared
+    meanwhile makes the next number be tried, so two runs started together never share a folder or
+    a number."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
-    run = outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
-    run.mkdir()
-    return run
+    fd = os.open(outdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for _ in range(1000):
+            ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
+            run = outdir / f"{max(ids, default=-1) + 1:05d}-{desc}"
+            try:
+                run.mkdir()
+                return run
+            except FileExistsError:
+                continue  # made by a writer that does not take the lock: the rescan counts it
+    finally:
+        os.close(fd)
+    raise FileExistsError(f"could not claim a new run folder in {outdir}")
 
 
 def snapshot_steps(n_iters: int, every: int, early: int) -> set[int]:
@@ -98,30 +118,44 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
                dynamic_ncols=True)
     record, t_last, step_last = {}, time.perf_counter(), start
     t_start = time.perf_counter()
-    for step in range(start, n_iters):
-        losses = method.train_step(step)
-        for term, value in losses.items():
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped and "
-                                    f"the last good checkpoint in {run_dir} is kept")
-        done = step + 1
-        if done % tr["log_every"] == 0 or done == n_iters:
-            now = time.perf_counter()
-            record = {"step": done, "images_seen": done * tr["batch_size"],
-                      "images_per_s": (done - step_last) * tr["batch_size"] / max(now - t_last, 1e-9),
-                      "seconds": now - t_start, **{k: float(v) for k, v in losses.items()}}
-            t_last, step_last = now, done
-            if dist.is_main and run_dir is not None:
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
-        if done in snaps:
-            _snapshot(method, cfg, run_dir, dist, done)
-        if done % tr["state_every"] == 0 or done == n_iters:
-            _save_state(method, run_dir, dist, done, tr["keep_states"])
-        bar.update(1)
+    with StopSignal() as stop:
+        for step in range(start, n_iters):
+            losses = method.train_step(step)
+            for term, value in losses.items():
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped and "
+                                        f"the last good checkpoint in {run_dir} is kept")
+            done = step + 1
+            if done % tr["log_every"] == 0 or done == n_iters:
+                now = time.perf_counter()
+                record = {"step": done, "images_seen": done * tr["batch_size"],
+                          "images_per_s": (done - step_last) * tr["batch_size"] / max(now - t_last, 1e-9),
+                          "seconds": now - t_start, **{k: float(v) for k, v in losses.items()}}
+                t_last, step_last = now, done
+                if dist.is_main and run_dir is not None:
+                    with open(run_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+            if done in snaps:
+                _snapshot(method, cfg, run_dir, dist, done)
+            if done % tr["state_every"] == 0 or done == n_iters:
+                _save_state(method, run_dir, dist, done, tr["keep_states"])
+            bar.update(1)
+            if done < n_iters and stop.agreed(dist):
+                _stop(method, cfg, run_dir, dist, done, stop, bar)
     bar.close()
     return record
+
+
+def _stop(method, cfg, run_dir, dist, done: int, stop: StopSignal, bar) -> None:
+    """Save the state of iteration ``done`` (unless its scheduled save just did) and raise Preempted."""
+    tr = cfg["training"]
+    if done % tr["state_every"]:
+        _save_state(method, run_dir, dist, done, tr["keep_states"])
+    bar.close()
+    raise Preempted(f"stopped by {stop.received or 'a signal to another rank'} after iteration {done} of "
+                    f"{tr['n_iters']}; its training state is saved: continue with `train.py --resume {run_dir}`",
+                    done)
 
 
 def _snapshot(method, cfg, run_dir, dist, done: int) -> None:

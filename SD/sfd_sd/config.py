@@ -312,11 +312,36 @@ def slug(text: str, max_len: int = 40) -> str:
     return s[:max_len].strip("-") or "empty"
 
 
+def run_dir_name(cfg: TrainConfig, number: int, world_size: int, precision: str) -> str:
+    what = cfg.desc or cfg.concept_to_forget or Path(cfg.forget_prompts or "forget").stem
+    return f"{number:05d}-sfd-{slug(what)}-gpus{world_size}-batch{cfg.batch}-{precision}"
+
+
 def new_run_dir(cfg: TrainConfig, world_size: int, precision: str) -> Path:
+    """Create and return this run's folder: ``cfg.run_dir``, or the next free ``outdir/NNNNN-sfd-...``.
+
+    The number is claimed atomically: the scan and the (exclusive) mkdir happen under a lock on
+    ``outdir`` itself, and a name that appeared meanwhile makes the next number be tried, so two runs
+    started together on one outdir never share a folder or a number."""
+    import fcntl
+    import os
+
     if cfg.run_dir:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         return Path(cfg.run_dir)
     root = Path(cfg.outdir)
-    ids = [int(m.group(1)) for p in root.glob("*") if (m := re.match(r"^(\d{5})-", p.name))] if root.is_dir() else []
-    what = cfg.desc or cfg.concept_to_forget or Path(cfg.forget_prompts or "forget").stem
-    name = f"{max(ids, default=-1) + 1:05d}-sfd-{slug(what)}-gpus{world_size}-batch{cfg.batch}-{precision}"
-    return root / name
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released on close, or when the process dies
+        for _ in range(1000):
+            ids = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
+            run_dir = root / run_dir_name(cfg, max(ids, default=-1) + 1, world_size, precision)
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue  # made by a writer that does not take the lock: the rescan counts it
+    finally:
+        os.close(fd)
+    raise ConfigError(f"could not claim a new run folder in {root}")

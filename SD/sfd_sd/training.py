@@ -8,7 +8,8 @@ prompts, z, eps and t. Progress is counted in images seen (global batch per iter
 optimisers, open the run dir (lock, leftovers of a killed write, log truncated on resume), then the
 loop of iterations with ``log_tick``, ``write_snapshot`` and ``write_state``. A term whose samples
 are all non-finite stops the run (``NonFiniteLoss``) before any optimiser step, so the last written
-state is the last good one.
+state is the last good one. SIGTERM/SIGUSR1 (a cluster's preemption notice) end the current iteration,
+write its state and raise ``Preempted`` (``preemption.py``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from . import checkpoints, disk, distributed, images, models, reporting
 from .config import BUILTIN_REMAIN, ConfigError, TrainConfig, new_run_dir
 from .denoiser import GuidedDenoiser, PromptEncoder, VPSchedule, one_step_generate
 from .losses import clean_gradients_, fake_score_loss, masked_sum, sid_generator_loss
+from .preemption import Preempted, StopSignal
 from .prompts import PromptError, PromptSampler, build_forget_pairs, dropout_mask, read_prompt_file
 from .terms import GuidanceSettings, route
 
@@ -548,19 +550,19 @@ def _train(cfg: TrainConfig) -> Path:
     dist = distributed.init(cfg.device)
     precision = resolve_precision(cfg.precision, dist.device)
     per_gpu, micro, rounds = cfg.batch_layout(dist.world_size)
-    if inputs.resume_state is not None:
-        run_dir = inputs.resume_path.parent
-    else:
-        run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision))
-                                             if dist.is_main else None))
-    if dist.is_main and run_dir.is_dir():
+    # A resumed run (or an explicit run_dir) has its folder; a new one is numbered once the models load.
+    run_dir = inputs.resume_path.parent if inputs.resume_state is not None else cfg.run_dir and Path(cfg.run_dir)
+    if dist.is_main and run_dir and run_dir.is_dir():
         checkpoints.lock_run_dir(run_dir)  # a second writer stops here, before loading any model
     # The disk plan comes from the UNet config alone, so a full disk is refused before any model loads.
     plan = disk.plan_for_run(cfg, int(inputs.resume_state["cur_nimg"]) if inputs.resume_state is not None else 0)
-    disk.check_free_space(run_dir, plan)
+    disk.check_free_space(run_dir or Path(cfg.outdir), plan)
     run = build(cfg, dist, precision)
     if inputs.resume_state is not None:
         restore(run, inputs.resume_state)
+    if not run_dir:  # every input proved valid: claim the folder (atomically, see new_run_dir)
+        run_dir = Path(dist.broadcast_object(str(new_run_dir(cfg, dist.world_size, precision))
+                                             if dist.is_main else None))
     run.run_dir = run_dir
     guidance = guidance_settings(cfg)
     run.step = SFDStep(cfg, run.nets, inputs.sampler, guidance, dist, run.opt_fake, run.opt_gen,
@@ -610,32 +612,38 @@ def loop(run: Run) -> None:
     bar = tqdm(total=total_img, initial=run.cur_nimg, disable=not dist.is_main, desc="SFD", unit="img",
                dynamic_ncols=True)
     try:
-        while run.cur_nimg < total_img:
-            losses = run.step(run.cur_nimg)
-            bar.update(cfg.batch)
-            prev, run.cur_nimg = run.cur_nimg, run.cur_nimg + cfg.batch
-            for k in acc:
-                acc[k] += losses[k]
-            acc_iters += 1
-            done = run.cur_nimg >= total_img
-            if _crossed(prev, run.cur_nimg, tick_img) or done:
-                vals = torch.tensor([acc[k] / acc_iters for k in LOSS_NAMES] + [acc["dropped_samples"]],
-                                    dtype=torch.float64)
-                dist.mean_(vals)
-                elapsed = time.time() - tick_start
-                log_tick(run, dict(images_seen=run.cur_nimg, kimg=run.cur_nimg / 1000,
-                                   **{k: float(v) for k, v in zip(LOSS_NAMES, vals)},
-                                   dropped_samples=int(round(float(vals[-1]) * dist.world_size)),
-                                   images_per_sec=(run.cur_nimg - tick_nimg) / max(elapsed, 1e-9),
-                                   sec_per_iter=elapsed / acc_iters, peak_memory_gb=_peak_memory_gb(dist.device),
-                                   time=time.time()), bar)
-                acc = dict.fromkeys(acc, 0.0)
-                acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
-            if _crossed(prev, run.cur_nimg, snap_img) or done:
-                write_snapshot(run, run.cur_nimg)
-            if _crossed(prev, run.cur_nimg, state_img) or done:
-                write_state(run, run.cur_nimg)
-            dist.barrier()
+        with StopSignal() as stop:
+            while run.cur_nimg < total_img:
+                losses = run.step(run.cur_nimg)
+                bar.update(cfg.batch)
+                prev, run.cur_nimg = run.cur_nimg, run.cur_nimg + cfg.batch
+                for k in acc:
+                    acc[k] += losses[k]
+                acc_iters += 1
+                done = run.cur_nimg >= total_img
+                stopping = not done and stop.agreed(dist)
+                if _crossed(prev, run.cur_nimg, tick_img) or done or stopping:  # no iteration goes unlogged
+                    vals = torch.tensor([acc[k] / acc_iters for k in LOSS_NAMES] + [acc["dropped_samples"]],
+                                        dtype=torch.float64)
+                    dist.mean_(vals)
+                    elapsed = time.time() - tick_start
+                    log_tick(run, dict(images_seen=run.cur_nimg, kimg=run.cur_nimg / 1000,
+                                       **{k: float(v) for k, v in zip(LOSS_NAMES, vals)},
+                                       dropped_samples=int(round(float(vals[-1]) * dist.world_size)),
+                                       images_per_sec=(run.cur_nimg - tick_nimg) / max(elapsed, 1e-9),
+                                       sec_per_iter=elapsed / acc_iters, peak_memory_gb=_peak_memory_gb(dist.device),
+                                       time=time.time()), bar)
+                    acc = dict.fromkeys(acc, 0.0)
+                    acc_iters, tick_start, tick_nimg = 0, time.time(), run.cur_nimg
+                if _crossed(prev, run.cur_nimg, snap_img) or done:
+                    write_snapshot(run, run.cur_nimg)
+                if _crossed(prev, run.cur_nimg, state_img) or done or stopping:
+                    write_state(run, run.cur_nimg)
+                dist.barrier()
+                if stopping:
+                    raise Preempted(f"stopped by {stop.received or 'a signal to another rank'} after {run.cur_nimg} "
+                                    f"of {total_img} images; its training state is saved: continue with "
+                                    f"`train.py --resume {run.run_dir}`", run.cur_nimg)
     finally:  # also on NonFiniteLoss, so the bar's last output comes before the error
         bar.close()
         run.reporter.close()
