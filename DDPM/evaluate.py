@@ -153,6 +153,9 @@ def ua(images, classifier, forget, out, batch, device):
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Local copy of the FID Inception weights (weights-inception-2015-12-05-6726825d.pth) for "
                    "offline use. [default: torch-fidelity downloads it into the torch hub cache]")
+@click.option("--allow-unknown-inception-weights", is_flag=True,
+              help="Use Inception weights whose sha256 is not that of the FID weights file (numbers are then not "
+                   "comparable with published FIDs; recorded in the JSON). [default: refuse them]")
 @click.option("--metrics", default="fid,is,kid,pr", metavar="LIST", help="Any of fid, is, kid, pr, comma-separated.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE, metavar="DIR",
               help="Where reference features are cached (keyed by the files' content hash and settings).")
@@ -167,8 +170,8 @@ def ua(images, classifier, forget, out, batch, device):
               "inception, 256 classifier]")
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def fid(images, ref, exclude, features, classifier, inception_weights, metrics, cache_dir, no_cache, kid_subset_size,
-        kid_subsets, pr_k, seed, out, batch, device, no_progress):
+def fid(images, ref, exclude, features, classifier, inception_weights, allow_unknown_inception_weights, metrics,
+        cache_dir, no_cache, kid_subset_size, kid_subsets, pr_k, seed, out, batch, device, no_progress):
     """FID, IS, KID and precision/recall of generated images against reference images."""
     from sfd_ddpm.metrics.fid import METRICS, ClassifierFeatureSpace, InceptionFeatureSpace, evaluate_folders
     from sfd_ddpm.metrics.record import images_settings, write_result
@@ -186,13 +189,14 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
         if features == "classifier":
             if not classifier:
                 raise click.UsageError("--features classifier needs --classifier FILE")
-            if inception_weights:
-                raise click.UsageError("--inception-weights is for --features inception")
+            if inception_weights or allow_unknown_inception_weights:
+                raise click.UsageError("--inception-weights and --allow-unknown-inception-weights are for "
+                                       "--features inception")
             space = ClassifierFeatureSpace(model, f"sha256={clf['sha256']}", batch or 256)
         else:
             if classifier:
                 raise click.UsageError("--classifier is for --features classifier")
-            space = InceptionFeatureSpace(inception_weights, device, batch or 64)
+            space = InceptionFeatureSpace(inception_weights, device, batch or 64, allow_unknown_inception_weights)
         results, settings = evaluate_folders(
             space, images, ref, exclude_list, metrics=metric_list, cache_dir=None if no_cache else cache_dir,
             progress=not no_progress, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, pr_k=pr_k, seed=seed)
@@ -202,6 +206,7 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
                     reference_images_settings=images_settings(ref) if Path(ref).is_dir() else None,
                     classifier=clf, inception_weights=inception_weights, batch=space.batch_size, device=device,
                     quantised_inputs="8-bit PNGs as saved")
+    settings.update(getattr(space, "weights", {}))  # the Inception file's sha256, known or allowed by the user
     if meta is not None:
         judge = _judge(meta, exclude_list)
         settings.update(classifier_test_accuracy=judge["classifier_test_accuracy"],
