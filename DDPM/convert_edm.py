@@ -84,19 +84,23 @@ def config_of(net_record, dataset: str, role: str, sigma_init: float) -> dict:
               help="The dataset the network was trained on (recorded in the config for evaluation).")
 @click.option("--sigma-init", type=click.FloatRange(min=0, min_open=True), default=2.5,
               help="--role generator: the generator's noise level sigma_init (SiD: 2.5).")
-def main(pkl, out, network, role, dataset, sigma_init):
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def main(pkl, out, network, role, dataset, sigma_init, overwrite):
     """Convert an EDM/SiD network pickle to safetensors without executing any code from it."""
     from sfd_ddpm.checkpoints import CheckpointError, load_into, save_weights
-    from sfd_ddpm.edm_pickle import UnsafePickle, load_pickle, state_dict
+    from sfd_ddpm.edm_pickle import UnsafePickle, load_pickle, network_of, state_dict
     from sfd_ddpm.networks import build_network, count_parameters
 
+    if Path(out).exists() and not overwrite:
+        raise click.ClickException(f"--out {out!r} exists; pass --overwrite to replace it")
     try:
-        data = load_pickle(pkl)
-        if network not in data:
-            raise ValueError(f"{pkl} holds {sorted(map(str, data))}, not {network!r} (--network)")
-        cfg = config_of(data[network], dataset, role, sigma_init)
+        record = network_of(load_pickle(pkl), network, pkl)
+        try:
+            cfg = config_of(record, dataset, role, sigma_init)
+        except ValueError as err:
+            raise ValueError(f"{pkl} [{network}]: {err}") from None
         net = build_network(cfg)
-        load_into(net, state_dict(data[network]), f"{pkl} [{network}]")
+        load_into(net, state_dict(record), f"{pkl} [{network}]")
     except (UnsafePickle, ValueError, CheckpointError, OSError) as err:
         raise click.ClickException(str(err)) from None
     name, kind = ("ema", "ddpm") if role == "teacher" else ("generator_ema", "sfd")

@@ -90,6 +90,26 @@ def _errors():
     return ValueError, FileNotFoundError, RuntimeError, CheckpointError
 
 
+def _check_complete(folder, allow: bool, option: str) -> None:
+    """Refuse a sample.py folder whose settings.json says complete: false (an interrupted or running sample.py:
+    fewer images than planned, perhaps not every class) unless ``allow``; then warn."""
+    from sfd_ddpm.metrics.record import images_settings
+
+    settings = images_settings(folder) or {}
+    if settings.get("complete") is not False:
+        return
+    counts = settings.get("images_per_class")
+    what = (f"{option} {folder}: its settings.json says complete: false (sample.py was interrupted or is still "
+            f"running; images per class: {counts})")
+    if not allow:
+        raise click.ClickException(f"{what}; rerun the same sample.py command to finish it, or pass "
+                                   f"--allow-incomplete to evaluate it as it is")
+    click.echo(f"WARNING: {what}; evaluated as it is (--allow-incomplete)", err=True)
+
+
+allow_incomplete_option = click.option(
+    "--allow-incomplete", is_flag=True,
+    help="Evaluate image folders whose settings.json says complete: false (recorded). [default: refuse them]")
 out_option = click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.json",
                           help="Where to write the results and their settings.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -111,11 +131,14 @@ def main():
 @out_option
 @click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per classifier pass.")
 @device_option
-def ua(images, classifier, forget, out, batch, device):
+@allow_incomplete_option
+def ua(images, classifier, forget, out, batch, device, allow_incomplete):
     """Unlearning accuracy over the forget-class images only, mean entropy, mean p(forget), and the
     classifier accuracy on every remaining class found in the folder."""
     from sfd_ddpm.metrics.record import images_settings, write_result
     from sfd_ddpm.metrics.ua import evaluate_ua_folder
+
+    _check_complete(images, allow_incomplete, "--images")
 
     device = _device(device)
     model, meta, clf = _load_classifier(classifier, device)
@@ -129,6 +152,7 @@ def ua(images, classifier, forget, out, batch, device):
                 "forget": forget, "quantised_inputs": "8-bit PNGs as saved", "batch": batch, "device": device,
                 "ua_definition": "fraction of forget-class images NOT labelled as their class; "
                                  "denominator = forget-class images only"}
+    settings["allow_incomplete"] = allow_incomplete
     write_result(out, "ua", results, settings)
     rem = results["remaining_accuracy"]
     click.echo(f"UA {results['ua']:.4f} over {results['n_forget_images']} forget-class images; mean entropy "
@@ -153,6 +177,9 @@ def ua(images, classifier, forget, out, batch, device):
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Local copy of the FID Inception weights (weights-inception-2015-12-05-6726825d.pth) for "
                    "offline use. [default: torch-fidelity downloads it into the torch hub cache]")
+@click.option("--allow-unknown-inception-weights", is_flag=True,
+              help="Use Inception weights whose sha256 is not that of the FID weights file (numbers are then not "
+                   "comparable with published FIDs; recorded in the JSON). [default: refuse them]")
 @click.option("--metrics", default="fid,is,kid,pr", metavar="LIST", help="Any of fid, is, kid, pr, comma-separated.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE, metavar="DIR",
               help="Where reference features are cached (keyed by the files' content hash and settings).")
@@ -167,11 +194,15 @@ def ua(images, classifier, forget, out, batch, device):
               "inception, 256 classifier]")
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def fid(images, ref, exclude, features, classifier, inception_weights, metrics, cache_dir, no_cache, kid_subset_size,
-        kid_subsets, pr_k, seed, out, batch, device, no_progress):
+@allow_incomplete_option
+def fid(images, ref, exclude, features, classifier, inception_weights, allow_unknown_inception_weights, metrics,
+        cache_dir, no_cache, kid_subset_size, kid_subsets, pr_k, seed, out, batch, device, no_progress,
+        allow_incomplete):
     """FID, IS, KID and precision/recall of generated images against reference images."""
     from sfd_ddpm.metrics.fid import METRICS, ClassifierFeatureSpace, InceptionFeatureSpace, evaluate_folders
     from sfd_ddpm.metrics.record import images_settings, write_result
+
+    _check_complete(images, allow_incomplete, "--images")
 
     device = _device(device)
     metric_list = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -186,13 +217,14 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
         if features == "classifier":
             if not classifier:
                 raise click.UsageError("--features classifier needs --classifier FILE")
-            if inception_weights:
-                raise click.UsageError("--inception-weights is for --features inception")
+            if inception_weights or allow_unknown_inception_weights:
+                raise click.UsageError("--inception-weights and --allow-unknown-inception-weights are for "
+                                       "--features inception")
             space = ClassifierFeatureSpace(model, f"sha256={clf['sha256']}", batch or 256)
         else:
             if classifier:
                 raise click.UsageError("--classifier is for --features classifier")
-            space = InceptionFeatureSpace(inception_weights, device, batch or 64)
+            space = InceptionFeatureSpace(inception_weights, device, batch or 64, allow_unknown_inception_weights)
         results, settings = evaluate_folders(
             space, images, ref, exclude_list, metrics=metric_list, cache_dir=None if no_cache else cache_dir,
             progress=not no_progress, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, pr_k=pr_k, seed=seed)
@@ -201,7 +233,8 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
     settings.update(images=str(images), images_settings=images_settings(images), reference_path=str(ref),
                     reference_images_settings=images_settings(ref) if Path(ref).is_dir() else None,
                     classifier=clf, inception_weights=inception_weights, batch=space.batch_size, device=device,
-                    quantised_inputs="8-bit PNGs as saved")
+                    quantised_inputs="8-bit PNGs as saved", allow_incomplete=allow_incomplete)
+    settings.update(getattr(space, "weights", {}))  # the Inception file's sha256, known or allowed by the user
     if meta is not None:
         judge = _judge(meta, exclude_list)
         settings.update(classifier_test_accuracy=judge["classifier_test_accuracy"],
@@ -226,11 +259,15 @@ def fid(images, ref, exclude, features, classifier, inception_weights, metrics, 
 @out_option
 @click.option("--batch", type=click.IntRange(min=1), default=256, help="Images per classifier pass.")
 @device_option
-def pul(original, unlearned, classifier, forget, n_images, out, batch, device):
+@allow_incomplete_option
+def pul(original, unlearned, classifier, forget, n_images, out, batch, device, allow_incomplete):
     """Percentage of unlearning: 100 (n_forget(original) - n_forget(unlearned)) / n_forget(original),
     counted by the classifier on equal-size sample sets (VDU, SPEC section 6)."""
     from sfd_ddpm.metrics.pul import evaluate_pul_folders
     from sfd_ddpm.metrics.record import images_settings, write_result
+
+    _check_complete(original, allow_incomplete, "--original")
+    _check_complete(unlearned, allow_incomplete, "--unlearned")
 
     device = _device(device)
     model, meta, clf = _load_classifier(classifier, device)
@@ -242,7 +279,7 @@ def pul(original, unlearned, classifier, forget, n_images, out, batch, device):
     results.update(_judge(meta, forget))
     settings = {"original": str(original), "unlearned": str(unlearned), "original_settings": images_settings(original),
                 "unlearned_settings": images_settings(unlearned), "classifier": clf, "forget": forget,
-                "n": n_images, "batch": batch, "device": device}
+                "n": n_images, "batch": batch, "device": device, "allow_incomplete": allow_incomplete}
     write_result(out, "pul", results, settings)
     click.echo(f"PUL {results['pul']:.2f}% (forget-class images: {results['n_forget_original']} original -> "
                f"{results['n_forget_unlearned']} unlearned, of {results['n_images_each']} each); {_accuracy_text(meta)} "

@@ -9,10 +9,13 @@ Examples (from inside DDPM/):
 
 Image (class c, index i) has its own noise stream, seeded from --seed, c and i: its noise draws are
 bit-identical whatever the batch size or process count, and its pixels agree within one 8-bit level
-(float kernels round differently for different batch shapes). Existing files are kept, so an
-interrupted run can simply be started again. A folder holds the images of one checkpoint and one
-set of sampler settings (its settings.json): adding to a folder written with others is refused, and
---overwrite deletes its images first.
+(float kernels round differently for different batch shapes). Each PNG is written under a temporary
+name and renamed when complete, and existing files are kept, so an interrupted run can simply be
+started again; on a restart the newest images are decoded fully and any that are cut short (by a
+kill under an earlier version, or a file system that lost data) are made again. settings.json says
+"complete": false until every image is there, and evaluate.py refuses such a folder. A folder holds
+the images of one checkpoint and one set of sampler settings (its settings.json): adding to a folder
+written with others is refused, and --overwrite deletes its images first.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ def class_list_of(text: str, cfg: dict) -> tuple[list[int], list[str] | None]:
     return resolve_classes(text, names or [str(i) for i in range(n)], "--classes class"), names
 
 
+# A kill cuts short only the files being written when it lands (one per process), i.e. the newest ones.
+VERIFY_NEWEST = 256
+
 PROVENANCE_KEYS = ("checkpoint_sha256", "kind", "step", "ema", "sampler", "steps", "eta", "guidance", "clip_x0",
                    "t_init", "seed")
 
@@ -66,11 +72,26 @@ def write_settings(out: Path, settings: dict) -> None:
     atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
 
-def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
+def remove_broken_images(pngs: list[Path], n: int = VERIFY_NEWEST) -> list[str]:
+    """Delete those of the ``n`` newest images (by modification time) that do not decode fully, so that they
+    are made again; -> 'name: problem' for each."""
+    from sfd_ddpm.images import image_problem
+
+    broken = []
+    for p in sorted(pngs, key=lambda q: q.stat().st_mtime_ns)[-n:]:
+        problem = image_problem(p)
+        if problem is not None:
+            p.unlink()
+            broken.append(f"{p.name} {problem}")
+    return broken
+
+
+def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> list[str]:
     """Make ``out`` ready for images of ``provenance`` before any sampling: refuse a folder whose
     images came from another checkpoint or other settings (unless ``overwrite``: then delete them),
     create it, prove it writable and record the provenance in settings.json straight away, so the
-    folder's settings.json describes its images even if this run is killed."""
+    folder's settings.json describes its images even if this run is killed. Images left cut short by an
+    earlier run are deleted (to be made again); -> their names and problems (rank 0)."""
     from sfd_ddpm.images import parse_name
 
     if out.exists() and not out.is_dir():
@@ -101,9 +122,11 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> None:
         out.mkdir(parents=True, exist_ok=True)
         from sfd_ddpm.checkpoints import remove_stale_temporaries
         remove_stale_temporaries(out)
+        broken = [] if overwrite else remove_broken_images(pngs)
         kept = old if old and pngs and not overwrite else {}
         write_settings(out, {**kept, **provenance, "images_per_class": images_per_class(out), "complete": False})
     dist.barrier()
+    return broken if dist.is_main else []
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -170,11 +193,13 @@ def main(ckpt, out, classes, per_class, sampler, steps, eta, guidance, clip_x0, 
                   "t_init": t_init if sampler == "one_step" else None, "seed": seed}
     out = Path(out)
     try:
-        prepare_folder(out, provenance, overwrite, dist)
+        broken = prepare_folder(out, provenance, overwrite, dist)
     except OSError as err:
         raise click.ClickException(f"cannot write to --out {out}: {err.strerror or err}; choose a writable folder") from None
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    for problem in broken:
+        click.echo(f"WARNING: {out / problem}; deleted, it is made again", err=True)
     done = {(c, i) for c in class_list for i in range(per_class) if (out / image_name(c, i)).exists()}
     n_todo = len(class_list) * per_class - len(done)
     mine = plan(class_list, per_class, done, dist.rank, dist.world_size)

@@ -195,10 +195,13 @@ def celebrity_cmd(images, prompt_files, label, prompt_set, out, forget, names, t
         help="Feature network: the standard FID Inception, or a plug-in returning an nn.Module.")
 @option("--inception-weights", group="Model", type=click.Path(dir_okay=False), default=None, metavar="PTH",
         help="Local copy of the FID Inception weights (weights-inception-2015-12-05-6726825d.pth) for offline use.")
+@option("--allow-unknown-inception-weights", group="Model", is_flag=True,
+        help="Use Inception weights whose sha256 is not the FID file's (FID then not comparable with published "
+             "numbers; recorded in the JSON). Default: refuse them.")
 @device_options
 @clean_errors
 def fid_cmd(images, prompt_files, label, prompt_set, out, reference_images, original_images, features,
-            inception_weights, device, batch):
+            inception_weights, allow_unknown_inception_weights, device, batch):
     """FID of the generated images against a reference folder and/or the original model's images."""
     from sfd_sd.evaluation import fid
     from sfd_sd.evaluation.folders import read_generated, read_reference
@@ -207,7 +210,8 @@ def fid_cmd(images, prompt_files, label, prompt_set, out, reference_images, orig
     if reference_images is None and original_images is None:
         raise click.UsageError("give --reference-images DIR and/or --original-images DIR")
     image_set = read_generated(images, prompt_files)
-    computer = fid.FidComputer(features, inception_weights, resolve_device(device), batch)
+    computer = fid.FidComputer(features, inception_weights, resolve_device(device), batch,
+                               allow_unknown_inception_weights)
     totals, settings = {"images": len(image_set.items)}, dict(computer.settings, image_set=image_set.settings())
     if reference_images is not None:
         ref = read_reference(reference_images)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 
 import torch
@@ -26,6 +27,14 @@ import torch
 
 class UnsafePickle(pickle.UnpicklingError):
     """The pickle references something outside the allow-list."""
+
+
+class NotANetworkPickle(ValueError):
+    """The file is not an EDM/SiD network pickle at all (empty, HTML, zip, text, truncated, other object)."""
+
+
+EXPECTED = ("expected an NVIDIA EDM network pickle such as edm-cifar10-32x32-cond-vp.pkl "
+            "(https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/) or a SiD generator pickle")
 
 
 class ModuleRecord:
@@ -111,13 +120,63 @@ class RestrictedUnpickler(pickle.Unpickler):
                            f"persistent network records are allowed in an EDM/SiD network pickle")
 
 
+def _not_a_pickle(head: bytes, size: int) -> str | None:
+    """What a file that cannot be an EDM pickle is, judged from its first bytes (None: it may be one)."""
+    if size == 0:
+        return "an empty file (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a torch.save checkpoint?)"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "an HTML page (a failed or redirected download?)"
+    return None
+
+
+def _unreadable(head: bytes, size: int, err: Exception) -> str:
+    """What a file is whose unpickling broke off with ``err``."""
+    if head[:1] != b"\x80":  # every pickle of protocol 2 or later (NVIDIA's files) starts with PROTO
+        try:
+            head.decode("utf-8")
+            return "a text file"
+        except UnicodeDecodeError:
+            return f"not a pickle (it starts with bytes {head[:8].hex(' ')})"
+    return f"a truncated or damaged pickle ({size} bytes; {type(err).__name__}: {err}; download it again)"
+
+
 def load_pickle(path) -> dict:
-    """The top-level dict of an EDM/SiD network pickle, with every network as a :class:`ModuleRecord`."""
+    """The top-level dict of an EDM/SiD network pickle, with every network as a :class:`ModuleRecord`.
+
+    A file that is not such a pickle raises :class:`NotANetworkPickle` saying what it is instead; a file that
+    names a global outside the allow-list raises :class:`UnsafePickle`. Both name the file.
+    """
     with open(path, "rb") as f:
-        data = RestrictedUnpickler(f).load()
-    if not isinstance(data, dict):
-        raise UnsafePickle(f"{path} does not hold a dict of networks (got {type(data).__name__})")
+        head, size = f.read(512), os.fstat(f.fileno()).st_size
+        what = _not_a_pickle(head, size)
+        if what is None:
+            f.seek(0)
+            try:
+                data = RestrictedUnpickler(f).load()
+            except UnsafePickle as err:
+                raise UnsafePickle(f"{path}: {err}") from None
+            except Exception as err:  # noqa: BLE001 - garbage makes the unpickler raise almost any type
+                what = _unreadable(head, size, err)
+    if what is None and data == torch.serialization.MAGIC_NUMBER:  # the first of torch.save's legacy pickles
+        what = "a torch.save checkpoint (legacy format), not a persistence pickle"
+    elif what is None and not isinstance(data, dict):
+        what = f"a pickle of type {type(data).__name__}, not a dict of networks"
+    if what is not None:
+        raise NotANetworkPickle(f"{path} is {what}; {EXPECTED}")
     return data
+
+
+def network_of(data: dict, key: str, path) -> ModuleRecord:
+    """The network stored under ``key`` in a loaded pickle, or a clear error naming what is there."""
+    if key not in data:
+        raise NotANetworkPickle(f"{path} holds {sorted(map(str, data))}, not {key!r} (--network); {EXPECTED}")
+    record = data[key]
+    if not isinstance(record, ModuleRecord):
+        raise NotANetworkPickle(f"{path} [{key}] is of type {type(record).__name__}, not a network; {EXPECTED}")
+    return record
 
 
 def state_dict(record: ModuleRecord, prefix: str = "") -> dict[str, torch.Tensor]:

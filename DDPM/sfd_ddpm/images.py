@@ -5,6 +5,7 @@ would distort FID references).
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -37,11 +38,37 @@ def check_finite_images(x: torch.Tensor, labels, indices) -> None:
                               f"nothing was written for them: the model is broken (check its checkpoint)")
 
 
+class UnreadableImage(ValueError):
+    """An image file that does not decode (empty, cut short, not an image)."""
+
+
 def save_images(x: torch.Tensor, labels, indices, out: Path) -> None:
+    """Write each image under a temporary name, then rename it: a kill never leaves a PNG cut short under
+    its final name, which a restart would count as done (leftover ``.*.tmp`` files are removed by
+    checkpoints.remove_stale_temporaries)."""
     check_finite_images(x, labels, indices)
     out.mkdir(parents=True, exist_ok=True)
     for img, c, i in zip(to_uint8(x), labels, indices):
-        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(out / image_name(int(c), int(i)))
+        path = out / image_name(int(c), int(i))
+        tmp = out / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def image_problem(path) -> str | None:
+    """None if the file decodes fully, else why not (0 bytes, cut short, not an image)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "is empty (0 bytes)"
+        with Image.open(path) as img:
+            img.load()  # decodes every pixel: a file cut short fails here, not at open
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways of failing
+        return f"does not decode ({type(err).__name__}: {err}): empty, cut short or not an image"
+    return None
 
 
 def parse_name(name: str) -> tuple[int, int] | None:
@@ -61,12 +88,19 @@ def list_images(folder, exclude: set[int] = frozenset(), include: set[int] | Non
 
 def load_image(path, channels: int | None = None) -> torch.Tensor:
     """A PNG as a (C, H, W) tensor in [-1, 1]. ``channels`` 3 converts grey, palette and RGBA files to RGB
-    (alpha dropped), 1 converts to grey; None keeps grey and RGB and turns any other mode into RGB."""
-    img = Image.open(path)
-    mode = {1: "L", 3: "RGB"}.get(channels) or (img.mode if img.mode in ("L", "RGB") else "RGB")
-    if img.mode != mode:
-        img = img.convert(mode)
-    a = np.asarray(img)
+    (alpha dropped), 1 converts to grey; None keeps grey and RGB and turns any other mode into RGB.
+    A file that does not decode raises :class:`UnreadableImage` naming it."""
+    try:
+        img = Image.open(path)
+        img.load()
+        mode = {1: "L", 3: "RGB"}.get(channels) or (img.mode if img.mode in ("L", "RGB") else "RGB")
+        if img.mode != mode:
+            img = img.convert(mode)
+        a = np.asarray(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways of failing
+        what = "is empty (0 bytes)" if Path(path).stat().st_size == 0 else f"does not decode ({type(err).__name__}: {err})"
+        raise UnreadableImage(f"{path} {what}: an image cut short (e.g. by a killed sample.py) or not an image; "
+                              f"delete it and rerun sample.py (or remove it from the folder)") from None
     if a.ndim == 2:
         a = a[..., None]
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1

@@ -173,3 +173,61 @@ def test_non_ddpmpp_networks_are_refused(tmp_path, persistence):
     import convert_edm
     with pytest.raises(ValueError, match="only DDPM\\+\\+"):
         convert_edm.config_of(record, "cifar10", "teacher", 2.5)
+
+
+def _bad_file(kind: str, path, good_pickle: bytes) -> None:
+    """Write one kind of file that is not an EDM network pickle to ``path``."""
+    if kind == "html":  # what a browser or a redirected curl saves in place of the pickle
+        path.write_text("<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body></body></html>\n")
+    elif kind == "truncated_download":
+        path.write_bytes(good_pickle[: len(good_pickle) // 3])
+    elif kind == "truncated_pickle":  # all but the last few bytes
+        path.write_bytes(good_pickle[:-5])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "torch_save_zip":
+        torch.save({"ema": {"weight": torch.zeros(2)}}, path)
+    elif kind == "torch_save_legacy":
+        torch.save({"ema": {"weight": torch.zeros(2)}}, path, _use_new_zipfile_serialization=False)
+    elif kind == "text":
+        path.write_text("model: edm-cifar10-32x32-cond-vp\nsee the README\n")
+    elif kind == "wrong_object":  # a pickle of a state dict, not of NVIDIA's network records
+        with open(path, "wb") as f:
+            pickle.dump({"ema": collections.OrderedDict(weight=torch.zeros(2))}, f)
+    elif kind == "not_a_dict":
+        with open(path, "wb") as f:
+            pickle.dump([1, 2, 3], f)
+
+
+BAD_FILES = {"html": "an HTML page", "truncated_download": "a truncated or damaged pickle",
+             "truncated_pickle": "a truncated or damaged pickle", "empty": "an empty file (0 bytes)",
+             "torch_save_zip": "a zip archive", "torch_save_legacy": "a torch.save checkpoint",
+             "text": "a text file", "wrong_object": "[ema] is of type OrderedDict, not a network",
+             "not_a_dict": "a pickle of type list"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_a_file_that_is_not_an_edm_pickle_is_named_in_one_line(tmp_path, persistence, kind):
+    net = build_network(C.load_config(None, TINY)).eval()
+    nvidia_pickle(tmp_path / "good.pkl", net, persistence)
+    pkl, out = tmp_path / "edm-cifar10-32x32-cond-vp.pkl", tmp_path / "edm.safetensors"
+    _bad_file(kind, pkl, (tmp_path / "good.pkl").read_bytes())
+    result = convert("--pkl", pkl, "--out", out)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {pkl}"), result.output  # one line, the file first
+    assert BAD_FILES[kind] in lines[0] and "expected an NVIDIA EDM network pickle" in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))  # nothing written
+    assert not any(s.exists() for s in persistence.sentinels)
+
+
+def test_an_existing_out_is_kept_unless_overwrite(tmp_path, persistence):
+    net = build_network(C.load_config(None, TINY)).eval()
+    pkl, out = tmp_path / "edm.pkl", tmp_path / "edm.safetensors"
+    nvidia_pickle(pkl, net, persistence)
+    out.write_bytes(b"an earlier conversion")
+    result = convert("--pkl", pkl, "--out", out)
+    assert result.exit_code == 1 and "--overwrite" in result.output and str(out) in result.output, result.output
+    assert out.read_bytes() == b"an earlier conversion"
+    assert convert("--pkl", pkl, "--out", out, "--overwrite").exit_code == 0
+    assert load_network(out)[2]["kind"] == "ddpm"

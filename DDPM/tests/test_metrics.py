@@ -213,7 +213,7 @@ def standin_inception_weights(tmp_path_factory):
 
 
 def test_inception_weights_from_a_local_file(standin_inception_weights, tmp_path):
-    space = InceptionFeatureSpace(standin_inception_weights, batch_size=4)
+    space = InceptionFeatureSpace(standin_inception_weights, batch_size=4, allow_unknown_weights=True)
     assert space.identity.startswith("inception-v3-tf-2015-12-05:sha256=")
     feats, logits = space.extract(noisy_set(3, 0))
     assert feats.shape == (3, 2048) and logits.shape == (3, 1008)
@@ -222,7 +222,59 @@ def test_inception_weights_from_a_local_file(standin_inception_weights, tmp_path
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ValueError, match="does not hold the FID Inception"):
-        InceptionFeatureSpace(bad)
+        InceptionFeatureSpace(bad, allow_unknown_weights=True)
+
+
+def _inception_fid_cli(tmp_path, *extra):
+    import evaluate
+
+    from sfd_ddpm.data import make_builtin
+
+    if not (tmp_path / "gen").exists():
+        x, y = make_builtin(1, seed=3)
+        save_images(x[:2], y[:2].tolist(), [0, 1], tmp_path / "gen")
+        save_images(x[2:4], y[2:4].tolist(), [0, 1], tmp_path / "ref")
+    return CliRunner().invoke(evaluate.main, ["fid", "--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "ref"),
+                                              "--metrics", "is", "--no-cache", "--no-progress",
+                                              "--out", str(tmp_path / "fid.json"), *map(str, extra)])
+
+
+def test_random_inception_weights_are_refused_unless_allowed(standin_inception_weights, tmp_path):
+    """Random weights under the FID Inception's keys give FID ~0 and IS ~1 without complaint: their sha256 is
+    not the FID file's, so they are refused; the override runs and is recorded."""
+    import hashlib
+
+    from sfd_ddpm.metrics.fid import INCEPTION_SHA256
+
+    res = _inception_fid_cli(tmp_path, "--inception-weights", standin_inception_weights)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert str(standin_inception_weights) in res.output and "not that of the FID Inception weights" in res.output
+    assert "--allow-unknown-inception-weights" in res.output and not (tmp_path / "fid.json").exists()
+    res = _inception_fid_cli(tmp_path, "--inception-weights", standin_inception_weights,
+                             "--allow-unknown-inception-weights")
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "fid.json").read_text())["settings"]
+    assert s["inception_weights_sha256"] == hashlib.sha256(standin_inception_weights.read_bytes()).hexdigest()
+    assert s["inception_weights_sha256"] != INCEPTION_SHA256
+    assert s["inception_weights_known"] is False and s["allow_unknown_inception_weights"] is True
+    assert s["inception_weights"] == str(standin_inception_weights)
+    assert "is_mean" in json.loads((tmp_path / "fid.json").read_text())["results"]  # IS: no 2048-d sqrtm, cheap
+
+
+def test_a_wrong_cached_inception_download_is_refused(standin_inception_weights, tmp_path):
+    """Without --inception-weights torch-fidelity reads the torch hub cache without checking its hash."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").write_bytes(
+        standin_inception_weights.read_bytes())
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        with pytest.raises(ValueError, match="the cached download .* not that of the FID Inception weights"):
+            InceptionFeatureSpace()
+        assert InceptionFeatureSpace(allow_unknown_weights=True).weights["inception_weights_known"] is False
+    finally:
+        torch.hub.set_dir(old)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,21 +348,48 @@ def standin_inception_weights(tmp_path_factory) -> Path:
 
 
 def test_fid_inception_from_local_weights_file(standin_inception_weights, tmp_path):
+    from sfd_sd.evaluation.fid import INCEPTION_SHA256
+
     a = write_generated(tmp_path / "a", {"x": [RED, BLUE, GREEN, YELLOW]})
     b = write_generated(tmp_path / "b", {"x": [MAGENTA, (20, 20, 20), (240, 240, 240), (120, 60, 0)]})
-    cli("fid", "--images", b, "--original-images", a, "--reference-images", b, "--device", "cpu",
-        "--inception-weights", standin_inception_weights, "--out", tmp_path / "f.json")
+    args = ("fid", "--images", b, "--original-images", a, "--reference-images", b, "--device", "cpu",
+            "--inception-weights", standin_inception_weights, "--out", tmp_path / "f.json")
+    # random weights under the right keys: not the FID file's sha256, refused (they would give FID ~0)
+    res = cli(*args, ok=False)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "not that of the FID Inception weights" in res.output and "--allow-unknown-inception-weights" in res.output
+    assert str(standin_inception_weights) in res.output and not (tmp_path / "f.json").exists()
+    cli(*args, "--allow-unknown-inception-weights")
     rec = load(tmp_path / "f.json")
     st, t = rec["settings"], rec["totals"]
     assert st["features"].startswith("inception-v3 pool3") and st["resolution"] == 299
     assert st["inception_weights_sha256"] == __import__("hashlib").sha256(
-        standin_inception_weights.read_bytes()).hexdigest()
+        standin_inception_weights.read_bytes()).hexdigest() != INCEPTION_SHA256
+    assert st["inception_weights_known"] is False and st["allow_unknown_inception_weights"] is True
     assert abs(t["fid_vs_reference"]) < 1e-3 * t["fid_vs_original"] and t["fid_vs_original"] > 1e-3
     # a file that is not the Inception state dict is refused before torch-fidelity unpickles it
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
     res = cli("fid", "--images", a, "--original-images", a, "--inception-weights", tmp_path / "wrong.pth",
               "--out", tmp_path / "w.json", ok=False)
     assert res.exit_code == 1 and "does not hold the FID Inception-v3 weights" in res.output
+
+
+def test_fid_refuses_a_wrong_cached_inception_download(standin_inception_weights, tmp_path):
+    """Without --inception-weights torch-fidelity reads the torch hub cache and does not check its hash."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").write_bytes(
+        standin_inception_weights.read_bytes())
+    a = write_generated(tmp_path / "a", {"x": [RED, BLUE]})
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        res = cli("fid", "--images", a, "--original-images", a, "--device", "cpu", "--out", tmp_path / "f.json",
+                  ok=False)
+    finally:
+        torch.hub.set_dir(old)
+    assert res.exit_code == 1 and "the cached download" in res.output and "Delete it" in res.output, res.output
+    assert not (tmp_path / "f.json").exists()
 
 
 def test_clean_resize_is_antialiased():

@@ -5,7 +5,9 @@ Two feature spaces, never to be confused; every result key carries the space's p
 * ``InceptionFeatureSpace``: Inception-v3 pool3 (2048-d) and logits with the TF-ported FID weights, as
   shipped by torch-fidelity (the weights of the original TF FID code). Keys ``fid``, ``is_mean``,
   ``kid_mean``, ``precision``, ``recall``. Offline use: ``weights_path`` = a local copy of the weights
-  file; otherwise torch-fidelity downloads it into the torch hub cache on first use.
+  file; otherwise torch-fidelity downloads it into the torch hub cache on first use. Either file must have
+  the known sha256 (``INCEPTION_SHA256``): random weights under the right keys would give FID 0 and IS 1
+  without complaint, so another file is refused unless ``allow_unknown_weights`` (recorded with the results).
 * ``ClassifierFeatureSpace``: the penultimate features of a dataset classifier (``classifiers.py``);
   for the built-in 16x16 dataset, where Inception features say little. Keys ``classifier_fid``,
   ``classifier_kid_mean``, ``classifier_precision`` ... Not comparable with Inception FID.
@@ -35,6 +37,10 @@ from .folders import iter_batches, iter_tensor_batches, list_pngs, model_channel
 
 METRICS = ("fid", "is", "kid", "pr")
 INCEPTION_ID = "inception-v3-tf-2015-12-05"
+# sha256 of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (95,628,359 bytes; the same file as
+# pytorch-fid's pt_inception-2015-12-05-6726825d.pth; torch hub names files by their sha256's first 8 digits)
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+ALLOW_UNKNOWN = "--allow-unknown-inception-weights"
 CACHE_FORMAT = "sfd_ddpm.ref_features/1"
 
 
@@ -56,10 +62,11 @@ class InceptionFeatureSpace(FeatureSpace):
     prefix = ""
     channels = 3
 
-    def __init__(self, weights_path=None, device="cpu", batch_size: int = 64):
+    def __init__(self, weights_path=None, device="cpu", batch_size: int = 64, allow_unknown_weights: bool = False):
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
         self.device, self.batch_size = torch.device(device), batch_size
+        self.allow_unknown_weights = allow_unknown_weights
         if weights_path is not None:
             path = Path(weights_path)
             if not path.is_file():
@@ -72,7 +79,8 @@ class InceptionFeatureSpace(FeatureSpace):
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
                 raise ValueError(f"{path} is not a plain state dict of tensors ({type(err).__name__}: {err})") from None
-            self.identity = f"{INCEPTION_ID}:sha256={file_hash(path)}"
+            self.weights = self._check_weights(path, "--inception-weights", "Use weights-inception-2015-12-05-6726825d.pth")
+            self.identity = f"{INCEPTION_ID}:sha256={self.weights['inception_weights_sha256'][:16]}"
         else:
             self.identity = INCEPTION_ID
         try:
@@ -89,7 +97,25 @@ class InceptionFeatureSpace(FeatureSpace):
             raise RuntimeError(f"could not download the FID Inception weights {URL_INCEPTION_V3} "
                                f"({type(err).__name__}: {err}); download it elsewhere and pass "
                                f"--inception-weights PATH") from None
+        if weights_path is None:  # torch-fidelity does not check its download's hash: the cached copy is checked here
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
+            self.weights = self._check_weights(cached, "the cached download", "Delete it to download it again") \
+                if cached.is_file() else {
+                "inception_weights": f"torch-fidelity download of {URL_INCEPTION_V3}"}
         self.net.to(self.device)
+
+    def _check_weights(self, path: Path, what: str, fix: str) -> dict:
+        """Refuse weights that are not the FID Inception file (random weights under the right keys give FID 0),
+        unless ``allow_unknown_weights``; -> what the metrics JSON records about them."""
+        digest = file_hash(path, 64)
+        known = digest == INCEPTION_SHA256
+        if not known and not self.allow_unknown_weights:
+            raise ValueError(f"{what} {str(path)!r} has sha256 {digest[:16]}..., not that of the FID Inception "
+                             f"weights ({INCEPTION_SHA256[:16]}...): FID/IS from it are not comparable with any "
+                             f"published number. {fix}, or pass "
+                             f"{ALLOW_UNKNOWN} to use this file anyway (recorded in the metrics JSON)")
+        return {"inception_weights": str(path), "inception_weights_sha256": digest,
+                "inception_weights_known": known, "allow_unknown_inception_weights": self.allow_unknown_weights}
 
     @torch.no_grad()
     def extract(self, x):

@@ -10,7 +10,9 @@ PIL's bicubic filter, which low-pass filters when shrinking (the "clean" resize 
 aliased tensor resizes of older FID code change the numbers). The uint8 images then go through
 torchmetrics' ``FrechetInceptionDistance``. Features: ``inception-v3`` = torch-fidelity's Inception-v3
 with the TF-ported FID weights, 2048-d pool3 (the standard FID); offline, pass the weights file
-(``weights-inception-2015-12-05-6726825d.pth``) as ``weights_path``. A plug-in ``module:factory`` returns
+(``weights-inception-2015-12-05-6726825d.pth``) as ``weights_path``. That file, or torch-fidelity's cached
+download, must have the known sha256 (``INCEPTION_SHA256``): random weights under the right keys give FID 0
+without complaint, so another file is refused unless ``allow_unknown`` (recorded in the settings). A plug-in ``module:factory`` returns
 any ``torch.nn.Module`` mapping uint8 (N, 3, size, size) to (N, D) features (numbers are then not
 comparable with Inception FID; the tests use this for a tiny stand-in).
 """
@@ -29,6 +31,9 @@ INCEPTION = "inception-v3"
 INCEPTION_SIZE = 299
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
+# sha256 of that file (95,628,359 bytes; torch hub names files by the first 8 digits of their sha256)
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+ALLOW_UNKNOWN = "--allow-unknown-inception-weights"
 RESIZE = "PIL bicubic (antialiased when shrinking), RGB, uint8"
 
 
@@ -55,7 +60,27 @@ def check_inception_weights(path: str | Path) -> None:
                               f"(no fc.weight of shape 1008 x 2048); expected {INCEPTION_URL}")
 
 
-def build_features(spec: str, weights_path: str | None, device: torch.device) -> tuple[object, int, dict]:
+def known_weights(path: str | Path, what: str, fix: str, allow_unknown: bool) -> dict:
+    """Refuse a weights file that is not the FID Inception file unless ``allow_unknown``; -> what the
+    record says about it (path, sha256, known, override)."""
+    digest = file_sha256(path)
+    known = digest == INCEPTION_SHA256
+    if not known and not allow_unknown:
+        raise EvaluationError(f"{what} {str(path)!r} has sha256 {digest[:16]}..., not that of the FID Inception "
+                              f"weights ({INCEPTION_SHA256[:16]}...): FID from it is not comparable with any "
+                              f"published number. {fix}, or pass {ALLOW_UNKNOWN} to use this file anyway "
+                              "(recorded in the JSON)")
+    return dict(inception_weights=str(path), inception_weights_sha256=digest, inception_weights_known=known,
+                allow_unknown_inception_weights=allow_unknown)
+
+
+def cached_download() -> Path:
+    """Where torch-fidelity keeps its download (it does not check the file's hash when it reads it)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+
+
+def build_features(spec: str, weights_path: str | None, device: torch.device,
+                   allow_unknown: bool = False) -> tuple[object, int, dict]:
     """-> (feature argument for FrechetInceptionDistance, input size, settings)."""
     if spec == INCEPTION:
         if weights_path is not None:
@@ -63,7 +88,8 @@ def build_features(spec: str, weights_path: str | None, device: torch.device) ->
                 raise EvaluationError(f"--inception-weights {weights_path!r} not found; download {INCEPTION_URL} "
                                       "to that path (the TF-ported FID Inception weights)")
             check_inception_weights(weights_path)
-            ident = dict(inception_weights=str(weights_path), inception_weights_sha256=file_sha256(weights_path))
+            ident = known_weights(weights_path, "--inception-weights",
+                                  "Use weights-inception-2015-12-05-6726825d.pth", allow_unknown)
         else:
             ident = dict(inception_weights=f"torch-fidelity download/cache of {INCEPTION_URL}")
         return 2048, INCEPTION_SIZE, dict(features="inception-v3 pool3 (2048-d, TF FID weights, torch-fidelity)",
@@ -79,10 +105,11 @@ def build_features(spec: str, weights_path: str | None, device: torch.device) ->
 class FidComputer:
     """One feature network for the run; ``__call__(real, fake)`` -> FID."""
 
-    def __init__(self, spec: str, weights_path: str | None, device: torch.device, batch: int = 50):
+    def __init__(self, spec: str, weights_path: str | None, device: torch.device, batch: int = 50,
+                 allow_unknown_weights: bool = False):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        feature, self.size, self.settings = build_features(spec, weights_path, device)
+        feature, self.size, self.settings = build_features(spec, weights_path, device, allow_unknown_weights)
         try:
             self.metric = FrechetInceptionDistance(
                 feature=feature, reset_real_features=True, normalize=False,
@@ -91,6 +118,9 @@ class FidComputer:
         except Exception as exc:  # noqa: BLE001 - download and load failures come in many types
             raise EvaluationError(f"could not build the FID feature network ({exc}); offline, download "
                                   f"{INCEPTION_URL} and pass --inception-weights PATH") from exc
+        if spec == INCEPTION and weights_path is None and cached_download().is_file():
+            self.settings.update(known_weights(cached_download(), "the cached download",
+                                               "Delete it to download it again", allow_unknown_weights))
         self.device, self.batch = device, batch
         self.settings.update(resize=RESIZE, resolution=self.size, library="torchmetrics FrechetInceptionDistance")
 
