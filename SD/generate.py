@@ -23,7 +23,7 @@ from sfd_sd.models import DEFAULT_SD_MODEL, ModelLoadError
 from sfd_sd.prompts import PromptError
 
 
-@click.command(cls=GroupedCommand, context_settings={"show_default": True})
+@click.command(cls=GroupedCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @option("--network", group="Model", required=True, metavar="DIR|teacher",
         help="Generator snapshot folder (network-snapshot-*), or 'teacher' for the original model's sampler.")
 @option("--sd-model", group="Model", default=None, metavar="ID|DIR",
