@@ -82,7 +82,7 @@ class TeacherSampler:
                  resolution: int, device: torch.device, dtype: torch.dtype):
         from diffusers import StableDiffusionPipeline
 
-        models.check_model_source(sd_model, revision)
+        models.check_model_source(sd_model)
         try:
             self.pipe = StableDiffusionPipeline.from_pretrained(
                 sd_model, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False)
