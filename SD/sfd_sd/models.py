@@ -190,6 +190,62 @@ def configure_unet(unet: torch.nn.Module, attention: str = "sdpa", grad_checkpoi
         unet.disable_gradient_checkpointing()
 
 
+def unet_folder(path: str | Path, what: str) -> Path:
+    """The diffusers UNet folder that ``path`` names: the folder itself (a network snapshot) or the
+    ``unet/`` of a pipeline folder (an export). Anything else (a VAE, a text encoder, a run dir) is
+    refused here, naming what it is, before a model loads or an output is written."""
+    path = Path(path).expanduser()
+    hint = "give a network-snapshot-* folder of a run or an exported pipeline folder"
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} {str(path)!r}: not a folder; {hint}")
+    folder = path / "unet" if (path / "model_index.json").is_file() and (path / "unet").is_dir() else path
+    problem = _not_a_unet(folder)
+    if problem:
+        raise ModelLoadError(f"{what} {str(path)!r}: not a generator snapshot ({problem}); {hint}")
+    return folder
+
+
+def _not_a_unet(folder: Path) -> str | None:
+    """What keeps ``folder`` from being a diffusers UNet2DConditionModel folder (None: nothing)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return "no config.json"
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        return "its config.json is not a diffusers config"
+    if kind != "UNet2DConditionModel":
+        return (f"its config.json describes {kind}, not a UNet2DConditionModel" if kind else
+                "its config.json names no diffusers model class (a run folder?)")
+    if not any(folder.glob("diffusion_pytorch_model*.safetensors")):
+        return "no diffusion_pytorch_model*.safetensors weights"
+    return None
+
+
+def load_unet(path: str | Path, what: str, text_encoder: torch.nn.Module, latent_channels: int) -> torch.nn.Module:
+    """A generator UNet from ``unet_folder(path)``, checked finite and fit for this text encoder and VAE."""
+    from diffusers import UNet2DConditionModel
+
+    folder = unet_folder(path, what)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"{what} {str(path)!r}: cannot load its UNet "
+                             f"({(str(exc) or type(exc).__name__).splitlines()[0]})") from exc
+    unfilled = [name for name, p in unet.named_parameters() if p.is_meta]  # weights missing from the file
+    if unfilled:
+        raise ModelLoadError(f"{what} {str(path)!r}: its weights file lacks {len(unfilled)} of the UNet's tensors "
+                             f"(e.g. {unfilled[0]}); the folder is incomplete or of another architecture")
+    width = text_encoder.config.hidden_size
+    if unet.config.cross_attention_dim != width or unet.config.in_channels != latent_channels:
+        raise ModelLoadError(
+            f"{what} {str(path)!r}: a UNet for text width {unet.config.cross_attention_dim} and "
+            f"{unet.config.in_channels} latent channels, but the base model has {width} and {latent_channels}; "
+            "give the base model it was trained from (--sd-model)")
+    check_finite_weights(unet, f"{what} {str(path)!r}")
+    return unet
+
+
 def read_snapshot_info(folder: Path) -> dict:
     """Metadata that ``checkpoints.save_generator_snapshot`` writes beside the UNet weights."""
     info = Path(folder) / "sfd_generator.json"
