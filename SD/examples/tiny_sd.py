@@ -1,8 +1,15 @@
-"""Build a tiny Stable-Diffusion-shaped model folder offline (random weights).
+"""Tiny Stable-Diffusion-shaped models with random weights, built offline in seconds.
 
-The folder has the same layout as a hub repository (``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``, ``model_index.json``), so the code under test loads it through the
-same ``from_pretrained`` calls it uses for ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+    python SD/examples/tiny_sd.py --out DIR     (SD/examples/tiny.sh runs the whole pipeline on them)
+
+writes ``DIR/sd`` (a pipeline folder: ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``, ``model_index.json``, the layout of a hub repository, so the code loads it through the
+same ``from_pretrained`` calls it uses for ``stable-diffusion-v1-5/stable-diffusion-v1-5``),
+``DIR/sid_lsg.pkl`` (a generator pickled as the SiD-LSG release is, ``{"ema": UNet}``, for
+``convert_sid_lsg.py``) and ``DIR/clip`` (a CLIPModel and CLIPProcessor folder for ``evaluate.py``).
+``tiny_features`` is a stand-in feature network for ``evaluate.py fid --features tiny_sd:tiny_features``.
+The test suite builds its models with these same functions. Images are 16x16 (latents 4x8x8); every
+number measured on these models is meaningless.
 
 The tokenizer is a hand-made CLIP BPE vocabulary: the 256 byte-level characters (with and without
 the end-of-word marker), one merge chain per listed word so that each word is a single token, and
@@ -12,8 +19,10 @@ the two special tokens. It is loaded with ``CLIPTokenizer.from_pretrained(folder
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
+import click
 import torch
 
 WORDS = (
@@ -112,3 +121,64 @@ def build_tiny_sd(folder: Path, seed: int = 0, unet=None, max_length: int = 16) 
         "vae": ["diffusers", "AutoencoderKL"],
     }))
     return folder
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random tiny CLIPModel with its CLIPProcessor (32 px images, the hand-made tokenizer, 77 tokens)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    write_tokenizer(folder, max_length=77)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, **ids),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def sid_lsg_pickle(path: Path, seed: int = 7) -> Path:
+    """A tiny one-step generator pickled the way the SiD-LSG release is ({'ema': UNet2DConditionModel})."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        pickle.dump({"ema": tiny_unet(seed=seed)}, f)
+    return path
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stand-in FID features (uint8 (N, 3, 32, 32) -> (N, 15)): 2x2 mean colours and per-channel spread."""
+
+    input_size = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255
+        return torch.cat([torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1), x.flatten(2).std(-1)], 1)
+
+
+def tiny_features(device: str = "cpu") -> torch.nn.Module:
+    return TinyFeatures().to(device)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder for sd/, clip/, sid_lsg.pkl.")
+@click.option("--seed", default=0, help="Seed of the random weights.")
+def main(out, seed):
+    """Build tiny random SD, CLIP and SiD-LSG-style models (seconds, offline) for trying the pipeline."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise click.ClickException(f"--out {str(out)!r} exists and is not empty: choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    build_tiny_sd(out / "sd", seed=seed)
+    build_tiny_clip(out / "clip", seed=seed)
+    sid_lsg_pickle(out / "sid_lsg.pkl", seed=seed + 7)
+    click.echo(f"wrote {out}/sd (sd_model=), {out}/clip (--clip-model), {out}/sid_lsg.pkl (convert_sid_lsg.py --pkl)")
+
+
+if __name__ == "__main__":
+    main()

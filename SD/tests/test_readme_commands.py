@@ -24,7 +24,8 @@ from conftest import SD_DIR
 
 ROOT = SD_DIR.parent
 READMES = (ROOT / "README.md", SD_DIR / "README.md")
-ENTRY_SCRIPTS = sorted(SD_DIR.glob("*.py")) + sorted((SD_DIR / "benchmarks").glob("*.py"))
+ENTRY_SCRIPTS = sorted(SD_DIR.glob("*.py")) + sorted((SD_DIR / "benchmarks").glob("*.py")) + [
+    SD_DIR / "examples" / "tiny_sd.py"]
 # The recipes hand their extra arguments to train.py.
 RECIPES = {p.name: SD_DIR / "train.py" for p in (SD_DIR / "recipes").glob("*.sh")}
 LAUNCHER = re.compile(r"^(\S*/)?(python3?|torchrun|bash)$")
