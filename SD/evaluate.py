@@ -29,7 +29,7 @@ SD_DIR = Path(__file__).resolve().parent
 DEFAULT_NAMES = SD_DIR / "eval" / "celebrity_names.txt"
 DIR = click.Path(exists=True, file_okay=False)
 FILE = click.Path(exists=True, dir_okay=False)
-CTX = {"show_default": True, "max_content_width": 110}
+CTX = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
 
 def image_set_options(need_prompts_help: str = ""):

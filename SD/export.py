@@ -17,7 +17,8 @@ from sfd_sd.cli import GroupedCommand, option
 FILE = click.Path(exists=True, dir_okay=False)
 
 
-@click.command(cls=GroupedCommand, context_settings={"show_default": True, "max_content_width": 110})
+@click.command(cls=GroupedCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                                      "max_content_width": 110})
 @option("--snapshot", group="Input", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
         help="Generator snapshot folder (network-snapshot-*) written by train.py.")
 @option("--sd-model", group="Input", default=None, metavar="ID|DIR",

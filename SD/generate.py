@@ -9,6 +9,8 @@ images of one network and one set of settings: adding to a folder written otherw
   python generate.py --network runs/sd/00000-.../network-snapshot-000100000 \\
       --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sfd
   python generate.py --network teacher --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sd15
+
+--network also takes a folder written by export.py (its unet/ is the generator).
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from sfd_sd.models import DEFAULT_SD_MODEL, ModelLoadError
 from sfd_sd.prompts import PromptError
 
 
-@click.command(cls=GroupedCommand, context_settings={"show_default": True})
+@click.command(cls=GroupedCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @option("--network", group="Model", required=True, metavar="DIR|teacher",
-        help="Generator snapshot folder (network-snapshot-*), or 'teacher' for the original model's sampler.")
+        help="Generator snapshot folder (network-snapshot-*) or export.py folder, or 'teacher' for the original "
+             "model's sampler.")
 @option("--sd-model", group="Model", default=None, metavar="ID|DIR",
         help=f"Base model for tokenizer, text encoder and VAE. Default: the snapshot's, else {DEFAULT_SD_MODEL}.")
 @option("--revision", group="Model", default=None, metavar="REV", help="Hub revision of --sd-model.")
@@ -52,7 +55,7 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
     from sfd_sd import distributed
     from sfd_sd.generation import (OneStepSampler, OutputError, TeacherSampler, merge_manifest, prepare_outdir,
                                    prompt_dirs, work_batches, write_manifest)
-    from sfd_sd.models import read_snapshot_info
+    from sfd_sd.models import check_model_source, read_snapshot_info, unet_folder
     from sfd_sd.prompts import read_prompt_file
 
     try:
@@ -61,16 +64,12 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
             raise PromptError("give --prompts FILE or --prompt TEXT")
         prompts = list(dict.fromkeys(prompts))
         dirs = prompt_dirs(prompts)
-        if network != "teacher":
-            if not Path(network).is_dir():
-                raise ModelLoadError(f"--network {network!r}: not a folder (give a network-snapshot-* folder of a "
-                                     "run, or 'teacher')")
-            if not (Path(network) / "config.json").is_file():
-                raise ModelLoadError(f"--network {network!r}: not a generator snapshot (no config.json); give a "
-                                     "network-snapshot-* folder of a run, or 'teacher'")
+        if network != "teacher":  # a VAE or run folder is refused here, before any output or model
+            unet_folder(network, "--network")
         info = {} if network == "teacher" else read_snapshot_info(Path(network))
         sd_model = sd_model or info.get("sd_model") or DEFAULT_SD_MODEL
         revision = revision or info.get("revision")
+        check_model_source(sd_model)  # offline with a hub id: one line now, not after the output folder
         t_init = t_init or int(info.get("t_init", 625))
         dist = distributed.init(device)
         if precision == "auto":

@@ -161,7 +161,7 @@ def isolated_passes(method: SFD, n: int, shape, device, repeats: int) -> float:
                                                    generator_step_passes))
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--size", type=click.Choice(["both", "all", *SIZES]), default="both",
               help="both = builtin and cifar10 (DDPM UNet); all = also the EDM SongUNet sizes")
 @click.option("--batch", type=click.IntRange(min=2), default=None, help="[default: 64 builtin, 16 cifar10 on CPU, 128 on GPU]")

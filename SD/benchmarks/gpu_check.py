@@ -192,7 +192,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--unet-config", type=click.Path(exists=True, dir_okay=False), default=str(DEFAULT_CONFIG),
               help="UNet2DConditionModel config (default: SD v1.5's, kept in the repository).")
 @click.option("--resolution", type=click.IntRange(min=8), default=512, metavar="PX", help="Image size (latents PX/8).")

@@ -57,7 +57,7 @@ def build_unet(config: dict, device, case: str):
     return unet.requires_grad_(case == "trainable_fp32")
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--unet-config", type=click.Path(exists=True, dir_okay=False), default=str(DEFAULT_CONFIG))
 @click.option("--latent", type=click.IntRange(min=8), default=64, help="Latent size (image size / 8).")
 @click.option("--batch", type=click.IntRange(min=1), default=1)

@@ -17,7 +17,6 @@ from typing import Sequence
 import yaml
 
 from . import models
-from .models import ModelLoadError
 
 PIPELINE_CLASS = "SFDOneStepPipeline"
 PIPELINE_FILE = Path(__file__).with_name("pipeline.py")
@@ -60,15 +59,11 @@ def read_run_config(snapshot: Path) -> dict:
 def build_pipeline(snapshot: Path, sd_model: str, revision: str | None, t_init: int):
     """SFDOneStepPipeline from a snapshot UNet and the base model's other parts (fp32, CPU)."""
     import diffusers
-    from diffusers import UNet2DConditionModel
 
     from .pipeline import SFDOneStepPipeline
 
     parts = models.load_sd_parts(sd_model, revision, load_unet=False)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(snapshot)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"--snapshot {str(snapshot)!r}: not a diffusers UNet folder ({exc})") from exc
+    unet = models.load_unet(snapshot, "--snapshot", parts.text_encoder, parts.vae.config.latent_channels)
     sched_cfg = dict(parts.scheduler_config)
     scheduler_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
     return SFDOneStepPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=unet,
@@ -169,16 +164,31 @@ def eval_markdown(eval_jsons: Sequence[str]) -> str | None:
         raise ExportError(str(exc)) from exc
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot take the folder, before any model loads: a file, a folder with
+    something in it, or a place where nothing can be written (probed in the nearest existing folder)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {str(out)!r} is a file: choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"--out {str(out)!r} exists and is not empty: choose a new folder")
+    existing = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".sfd-export-probe-"))
+    except OSError as exc:
+        where = "" if existing == out.parent else f" (in {str(existing)!r})"
+        raise ExportError(f"--out {str(out)!r}: cannot write there{where}: {exc.strerror}; choose another folder") \
+            from None
+
+
 def export(snapshot: str | Path, out: str | Path, sd_model: str | None = None, revision: str | None = None,
            base_model_id: str | None = None, license_id: str | None = None,
            eval_jsons: Sequence[str] = (), repo_hint: str | None = None) -> Path:
     """Write the pipeline folder ``out`` (atomically: a temp folder, then a rename)."""
     snapshot, out = Path(snapshot), Path(out)
-    if not (snapshot / "config.json").is_file() or not any(snapshot.glob("diffusion_pytorch_model*")):
-        raise ExportError(f"--snapshot {str(snapshot)!r}: not a generator snapshot folder "
-                          "(network-snapshot-*: config.json + diffusion_pytorch_model weights)")
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"--out {str(out)!r} exists and is not empty: choose a new folder")
+    models.unet_folder(snapshot, "--snapshot")
+    check_out(out)
     info = models.read_snapshot_info(snapshot)
     run_cfg = read_run_config(snapshot)
     sd_model = sd_model or info.get("sd_model") or run_cfg.get("sd_model") or models.DEFAULT_SD_MODEL
@@ -192,8 +202,11 @@ def export(snapshot: str | Path, out: str | Path, sd_model: str | None = None, r
     t_init = int(info.get("t_init", run_cfg.get("t_init", 625)))
     pipe = build_pipeline(snapshot, sd_model, revision, t_init)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    except OSError as exc:  # became unwritable since check_out
+        raise ExportError(f"--out {str(out)!r}: cannot write there ({exc.strerror}); choose another folder") from None
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         index_path = tmp / "model_index.json"

@@ -51,14 +51,8 @@ class OneStepSampler:
 
     def __init__(self, network: str | Path, sd_model: str, revision: str | None, t_init: int,
                  resolution: int, device: torch.device, amp_dtype: torch.dtype | None):
-        from diffusers import UNet2DConditionModel
-
         parts = models.load_sd_parts(sd_model, revision, load_unet=False)
-        try:
-            unet = UNet2DConditionModel.from_pretrained(network)
-        except (OSError, ValueError) as exc:
-            raise models.ModelLoadError(f"--network {str(network)!r}: {exc}") from exc
-        models.check_finite_weights(unet, f"--network {str(network)!r}")
+        unet = models.load_unet(network, "--network", parts.text_encoder, parts.vae.config.latent_channels)
         models.configure_unet(unet, "sdpa", False)
         self.vae = parts.vae.to(device)
         encoder = PromptEncoder(parts.tokenizer, parts.text_encoder.to(device), device)

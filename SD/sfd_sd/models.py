@@ -48,9 +48,47 @@ def _looks_local(name: str) -> bool:
 
 
 def check_model_source(sd_model: str) -> None:
-    """Fail early and clearly on a local path that does not exist."""
-    if _looks_local(sd_model) and not Path(sd_model).expanduser().is_dir():
-        raise ModelLoadError(f"--sd-model {sd_model!r}: local folder not found")
+    """Fail early and clearly on a local path that does not exist, or on a hub id while the hub is
+    unreachable and the model is not in the hub cache (instead of half a minute of retries ending in
+    "does not appear to have a file named config.json")."""
+    if _looks_local(sd_model):
+        if not Path(sd_model).expanduser().is_dir():
+            raise ModelLoadError(f"--sd-model {sd_model!r}: local folder not found")
+        return
+    if _in_hub_cache(sd_model):
+        return
+    reason = hub_unreachable()
+    if reason:
+        raise ModelLoadError(
+            f"model {sd_model!r}: there is no local folder {str(Path(sd_model).resolve())!r}, and the Hugging Face "
+            f"hub is unreachable ({reason}) with nothing of it in the hub cache. Use a local diffusers folder: sd_model=/path/to/folder "
+            f"(generate.py, export.py: --sd-model), made on a machine with network by `hf download {sd_model} "
+            "--local-dir /path/to/folder` (SD/README.md, 'Loading models')")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when it answers (any HTTP status)."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # DNS, refused, timeout, proxy: whatever the transport says, there is no hub
+        return f"{constants.ENDPOINT} did not answer: {type(exc).__name__}"
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether some download of this repository sits in the local hub cache; then loading may work
+    offline, and from_pretrained itself says what is missing."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def load_error(what: str, sd_model: str, revision: str | None, exc: Exception) -> ModelLoadError:
@@ -150,6 +188,62 @@ def configure_unet(unet: torch.nn.Module, attention: str = "sdpa", grad_checkpoi
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
+
+
+def unet_folder(path: str | Path, what: str) -> Path:
+    """The diffusers UNet folder that ``path`` names: the folder itself (a network snapshot) or the
+    ``unet/`` of a pipeline folder (an export). Anything else (a VAE, a text encoder, a run dir) is
+    refused here, naming what it is, before a model loads or an output is written."""
+    path = Path(path).expanduser()
+    hint = "give a network-snapshot-* folder of a run or an exported pipeline folder"
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} {str(path)!r}: not a folder; {hint}")
+    folder = path / "unet" if (path / "model_index.json").is_file() and (path / "unet").is_dir() else path
+    problem = _not_a_unet(folder)
+    if problem:
+        raise ModelLoadError(f"{what} {str(path)!r}: not a generator snapshot ({problem}); {hint}")
+    return folder
+
+
+def _not_a_unet(folder: Path) -> str | None:
+    """What keeps ``folder`` from being a diffusers UNet2DConditionModel folder (None: nothing)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return "no config.json"
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        return "its config.json is not a diffusers config"
+    if kind != "UNet2DConditionModel":
+        return (f"its config.json describes {kind}, not a UNet2DConditionModel" if kind else
+                "its config.json names no diffusers model class (a run folder?)")
+    if not any(folder.glob("diffusion_pytorch_model*.safetensors")):
+        return "no diffusion_pytorch_model*.safetensors weights"
+    return None
+
+
+def load_unet(path: str | Path, what: str, text_encoder: torch.nn.Module, latent_channels: int) -> torch.nn.Module:
+    """A generator UNet from ``unet_folder(path)``, checked finite and fit for this text encoder and VAE."""
+    from diffusers import UNet2DConditionModel
+
+    folder = unet_folder(path, what)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"{what} {str(path)!r}: cannot load its UNet "
+                             f"({(str(exc) or type(exc).__name__).splitlines()[0]})") from exc
+    unfilled = [name for name, p in unet.named_parameters() if p.is_meta]  # weights missing from the file
+    if unfilled:
+        raise ModelLoadError(f"{what} {str(path)!r}: its weights file lacks {len(unfilled)} of the UNet's tensors "
+                             f"(e.g. {unfilled[0]}); the folder is incomplete or of another architecture")
+    width = text_encoder.config.hidden_size
+    if unet.config.cross_attention_dim != width or unet.config.in_channels != latent_channels:
+        raise ModelLoadError(
+            f"{what} {str(path)!r}: a UNet for text width {unet.config.cross_attention_dim} and "
+            f"{unet.config.in_channels} latent channels, but the base model has {width} and {latent_channels}; "
+            "give the base model it was trained from (--sd-model)")
+    check_finite_weights(unet, f"{what} {str(path)!r}")
+    return unet
 
 
 def read_snapshot_info(folder: Path) -> dict:
