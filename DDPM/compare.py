@@ -458,7 +458,7 @@ def markdown(r: dict) -> str:
     f, o = r.get("forget_class", 0), r.get("override_class", 1)
     ref = r.get("reference")
     refs = (f"{r['reference_images_per_class']} real test images per class" if ref is None
-            else reference_sentence(ref) + f"; features: {ref['feature_dim']} dimensions")
+            else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
     lines = [f"# Unlearning methods on {where} (forget class {f}"
              + (f", {names[f]}, into {o}, {names[o]}" if names else "") + ")\n",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "

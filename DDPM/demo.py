@@ -113,8 +113,8 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     # Paths the user gave are relative to the current directory; the stages run inside DDPM/, so make them absolute.
     data_root = str(Path(data_root).resolve()) if data_root else None
     guided_config = str(Path(guided_config).resolve()) if guided_config else None
-    from sfd_ddpm.demo_report import (class_args, classifier_command, dataset_class_names, dataset_overrides, default_dir,
-                                      folder_shortfall, reuse_mismatch)
+    from sfd_ddpm.demo_report import (class_args, classifier_command, dataset_class_names, dataset_overrides,
+                                      default_dir, folder_shortfall, reuse_mismatch)
     try:
         names = dataset_class_names(data_root, image_size)
         data_args = dataset_overrides(data_root, image_size)

@@ -261,7 +261,8 @@ def pul(original, unlearned, classifier, forget, n_images, out, batch, device):
 @click.option("--judge", type=click.Path(dir_okay=False), default=None, metavar="FILE.safetensors",
               help="A second classifier that scores the attacked images instead (one the attack never saw), "
                    "to tell recovered class knowledge from images that only fool --classifier. [default: --classifier]")
-@click.option("--forget", required=True, metavar="CLASS", help="The forgotten class (one), by name or index (name:X / index:N force one reading).")
+@click.option("--forget", required=True, metavar="CLASS",
+              help="The forgotten class (one), by name or index (name:X / index:N force one reading).")
 @click.option("--attacks", default="noise,embedding_forget,embedding_mean", metavar="LIST",
               help="Any of noise, embedding_forget, embedding_mean, comma-separated.")
 @click.option("--budgets", default="0,10,50", metavar="LIST",

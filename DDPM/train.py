@@ -165,7 +165,9 @@ def _resolve_key(value, names: list[str], key: str):
 
 
 def _names_given_in(value) -> bool:
-    flat = value if isinstance(value, list) else [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    flat = value if isinstance(value, list) else [value]
     return any(isinstance(x, str) and x not in OVERRIDE_MODES for x in flat)
 
 

@@ -462,7 +462,7 @@ def report_markdown(r: dict) -> str:
     acc = r["classifier_test_accuracy"]
     ref = p.get("reference")
     refs = (f"{p['reference_images_per_class']} real test images per class" if ref is None
-            else reference_sentence(ref) + f"; features: {ref['feature_dim']} dimensions")
+            else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
     warn = f"\n\n**WARNING: {ref['warning']}.**" if ref and ref["warning"] else ""
     flips = "" if "random_flip" not in d else " " + flip_sentence(d["random_flip"], r.get("classifier_hflip"))
     judge = "The evaluation classifier's test accuracy on real held-out images: " + (

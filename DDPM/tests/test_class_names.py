@@ -78,8 +78,8 @@ def test_the_rule_is_the_same_for_text_and_numbers(value):
 
 
 def _train_cfg(numbered, *overrides, config="configs/builtin_sfd.yaml"):
-    return load_config(TREE / config, ["data.dataset=folder", f"data.root={numbered}", "data.n_classes=3", "data.channels=3",
-                        "data.image_size=8", *overrides])
+    return load_config(TREE / config, ["data.dataset=folder", f"data.root={numbered}", "data.n_classes=3",
+                                       "data.channels=3", "data.image_size=8", *overrides])
 
 
 @pytest.mark.parametrize("value", list(CASES))
@@ -89,7 +89,8 @@ def test_every_entry_point_reads_a_class_alike(value, numbered, classifier, tmp_
     other = "index:0" if outcome != 0 else "index:1"
 
     def train_forget(v):   # YAML reads sfd.forget=[1] as an int, [name:1] as text
-        return train.prepare_data(_train_cfg(numbered, f"sfd.forget=[{v}]", f"sfd.override={other}"))["sfd"]["forget"][0]
+        cfg = _train_cfg(numbered, f"sfd.forget=[{v}]", f"sfd.override={other}")
+        return train.prepare_data(cfg)["sfd"]["forget"][0]
 
     def train_override(v):
         return train.prepare_data(_train_cfg(numbered, f"sfd.forget=[{other}]", f"sfd.override={v}"))["sfd"]["override"]
@@ -124,7 +125,8 @@ def test_every_entry_point_reads_a_class_alike(value, numbered, classifier, tmp_
                                   ("compare", compare, ["--forget", value, "--override", other]),
                                   ("compare override", compare, ["--override", value, "--forget", other])):
         invocations[name] = (module.main, ["--data-root", str(numbered), "--image-size", "8", "--quick", *classes,
-                                           "--outdir", str(tmp_path / name), *(compare_only if module is compare else [])])
+                                           "--outdir", str(tmp_path / name),
+                                           *(compare_only if module is compare else [])])
     for name, (command, args) in invocations.items():
         result = runner.invoke(command, args)
         if isinstance(outcome, int):
