@@ -21,8 +21,9 @@ classifier, the teacher and every method train on the folder (its data overrides
 held-out split; by default class 0 (the first folder name in sorted order) is forgotten into class 1.
 A folder too small for the held-out references (or for VDU's D_f) is refused before any training.
 
-The teacher and classifier of `make demo` (the repository's runs/demo) are reused when present and trained on the same data. The table reports
-each run's wall time and its CPU time (the latter does not depend on what else ran beside it).
+The teacher and classifier of `make demo` (the repository's runs/demo) are reused when present and
+trained on the same data. The table reports each run's wall time and its CPU time (the latter does
+not depend on what else ran beside it).
 """
 from __future__ import annotations
 

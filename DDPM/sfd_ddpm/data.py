@@ -62,13 +62,6 @@ def class_names(source) -> list[str]:
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-# How a class is named on every command line and in every config (train.py's forget/override keys,
-# sample.py --classes, evaluate.py --forget, save_dataset.py --exclude-class, demo.py, compare.py):
-CLASS_RULE = ("a class is given by name or by index (0 = the first name in sorted order); `name:X` and "
-              "`index:N` force one reading; a bare value that is the name of one class and the index of "
-              "another (folders named by numbers) is refused")
-
-
 def resolve_class(value, names: list[str], what: str = "class") -> int:
     """One class -> its index, by one rule whatever its type (YAML reads ``sfd.forget=[1]`` as an int,
     the command line ``--forget 1`` as text: both must mean the same class).
@@ -76,7 +69,9 @@ def resolve_class(value, names: list[str], what: str = "class") -> int:
     ``name:X`` is the class named X, ``index:N`` class N. A bare value is read both ways, as a name
     (a class called so) and as an index (a whole number in range): one reading is taken; two readings
     of the same class agree; two readings of different classes are ambiguous and refused, the message
-    showing both and how to choose."""
+    showing both and how to choose. Every script reads classes through here (train.py's forget and
+    override keys, sample.py --classes, evaluate.py --forget/--exclude, save_dataset.py
+    --exclude-class, demo.py and compare.py --forget/--override)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"{what} {value!r} is neither a class name nor an index; classes: {_listing(names)}")
     text = str(value).strip()
@@ -136,11 +131,6 @@ def resolve_classes(values, names: list[str], what: str = "class") -> list[int]:
             elif part:
                 values.append(part)
     return [resolve_class(v, names, what) for v in values]
-
-
-def class_record(indices, names: list[str] | None) -> list[dict]:
-    """The resolved classes as results record them: [{"index": i, "name": name}] (name None without names)."""
-    return [{"index": int(i), "name": names[i] if names else None} for i in indices]
 
 
 def _shape_mask(cls: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -83,7 +83,8 @@ def reference_summary(record: dict, dim: int, generated_per_seed: int | None = N
                      f"dimensions")
     warning = None if not small else (
         "; ".join(small) + ": the FID is unstable (its covariance is singular); read it only beside numbers "
-        "measured against the same references, or use a larger folder (more held-out images) or more images per class")
+        "measured against the same references, or use more reference images (a class folder: more held-out "
+        "images) and more generated images per class")
     return {**record, "feature_dim": dim, "generated_per_seed": generated_per_seed, "warning": warning}
 
 
