@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Every unlearning method on the built-in dataset at an equal budget, one table (`make compare`).
 
-Forget class 0 of the built-in teacher with SFD (unguided and, when builtin_sfd_guided.yaml exists,
+Forget class 0 (--forget) of the built-in teacher with SFD (unguided and, when builtin_sfd_guided.yaml exists,
 guided distillation), Selective Amnesia, SalUn, ESD and VDU, each fine-tuned for the same --iters
-iterations at the same global --batch, plus Retrain (pretraining without class 0, its own
+iterations at the same global --batch, plus Retrain (pretraining without that class, its own
 builtin_retrain.yaml budget: it starts from scratch by definition).
 
 Seeds: each (method, seed k) is one pipeline in its own process, --jobs at a time: train with seed k
@@ -18,10 +18,12 @@ marked only where intervals separate (protocol.RULE). Writes OUTDIR/compare.json
 
 --data-root DIR compares on your own class folder instead (see README "Your own images"): the
 classifier, the teacher and every method train on the folder (its data overrides), FID uses its
-held-out split; class 0 (the first folder name in sorted order) is forgotten into class 1.
+held-out split; by default class 0 (the first folder name in sorted order) is forgotten into class 1.
+A folder too small for the held-out references (or for VDU's D_f) is refused before any training.
 
-The teacher and classifier of `make demo` (runs/demo) are reused when present and trained on the same data. The table reports
-each run's wall time and its CPU time (the latter does not depend on what else ran beside it).
+The teacher and classifier of `make demo` (the repository's runs/demo) are reused when present and
+trained on the same data. The table reports each run's wall time and its CPU time (the latter does
+not depend on what else ran beside it).
 """
 from __future__ import annotations
 
@@ -101,9 +103,17 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--outdir", type=click.Path(file_okay=False), default="../runs/compare", help="Where everything goes.")
-@click.option("--demo", type=click.Path(file_okay=False), default="../runs/demo",
-              help="A `make demo` folder whose teacher and classifier are reused when present.")
+@click.option("--outdir", type=click.Path(file_okay=False), default=None,
+              help="Where everything goes (relative to the current directory). Default: runs/compare at the "
+                   "repository root (where `make compare` writes), whatever the current directory.")
+@click.option("--demo", type=click.Path(file_okay=False), default=None,
+              help="A `make demo` folder whose teacher and classifier are reused when present. Default: runs/demo "
+                   "at the repository root (where `make demo` writes), whatever the current directory.")
+@click.option("--forget", default="0",
+              help="Class every method forgets: a class name (a folder name with --data-root) or an index (0 = the "
+                   "first name in sorted order). A value that names one class and indexes another (folders named "
+                   "1, 2, 3) is refused: write name:1 or index:1.")
+@click.option("--override", default="1", help="Override class of SFD (name or index, as --forget).")
 @click.option("--methods", default=",".join(METHODS),
               help="Comma-separated subset (a method whose config is missing, VDU or guided SFD, is skipped).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2,
@@ -123,24 +133,22 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
               help="Gradient steps of each white-box attack (the attack columns).")
 @click.option("--no-attacks", is_flag=True, help="Skip the white-box attacks (and their columns).")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Your own images instead of the built-in dataset: one sub-folder per class (class 0 = the first "
-                   "folder name in sorted order is forgotten into class 1). Use a fresh --outdir per dataset.")
+              help="Your own images instead of the built-in dataset: one sub-folder per class (class index = "
+                   "position in the sorted folder names). Use a fresh --outdir per dataset.")
 @click.option("--image-size", type=click.IntRange(min=8), default=16,
               help="With --data-root: images are resized and centre-cropped to this many pixels.")
 @click.option("--quick", is_flag=True, help="Tiny budget (numbers meaningless): checks the pipeline runs.")
 @click.option("--pipeline", "pipeline_spec", type=click.Path(dir_okay=False), hidden=True,
               help="Internal: run the one (method, seed) pipeline described by this JSON file.")
-def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guidance, jobs, attack_budget, no_attacks,
+def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class, ddim_steps, guidance, jobs, attack_budget, no_attacks,
          data_root, image_size, quick, pipeline_spec):
     """Train, sample, measure and attack every method at every seed; write compare.json and compare.md."""
     if pipeline_spec:
         return pipeline(json.loads(Path(pipeline_spec).read_text()))
-    from sfd_ddpm.demo_report import classifier_command, dataset_class_names, dataset_overrides, reuse_mismatch
-    try:
-        data_args = dataset_overrides(data_root, image_size)
-        class_names = dataset_class_names(data_root, image_size)
-    except ValueError as e:   # FolderError: empty folder, one class, ...
-        raise click.UsageError(str(e))
+    from sfd_ddpm.data import resolve_class
+    from sfd_ddpm.demo_report import (classifier_command, dataset_class_names, dataset_overrides, default_dir,
+                                      folder_shortfall, reuse_mismatch)
+    data_root = str(Path(data_root).resolve()) if data_root else None   # the stages run inside DDPM/
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -148,7 +156,22 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
                                  param_hint="--methods")
     skipped = [m for m in names if not available(m)]
     names = [m for m in names if m not in skipped]
-    out, demo = Path(outdir).resolve(), Path(demo).resolve()
+    try:
+        data_args = dataset_overrides(data_root, image_size)
+        class_names = dataset_class_names(data_root, image_size)
+        forget = resolve_class(forget, class_names, "--forget")
+        override = resolve_class(override, class_names, "--override")
+        too_small = folder_shortfall(data_root, forget, vdu_forget_images() if "vdu" in names else 0)
+    except ValueError as e:   # FolderError: empty folder, one class, unknown or ambiguous class, ...
+        raise click.UsageError(str(e))
+    if forget == override:
+        raise click.BadParameter("the override class must differ from the forget class", param_hint="--override")
+    if too_small:   # before any training, not after it
+        raise click.UsageError(too_small)
+    click.echo(f"forget class {forget} ({class_names[forget]}) into class {override} ({class_names[override]})",
+               err=True)
+    out = Path(outdir).resolve() if outdir else default_dir("compare")
+    demo = Path(demo).resolve() if demo else default_dir("demo")
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     model_args = (QUICK_MODEL if quick else []) + data_args
@@ -181,15 +204,16 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
             teacher_run = finished_run(out / "teacher")
     teacher = sorted(teacher_run.glob("network-*.safetensors"))[-1]
     click.echo(f"teacher: {teacher}\nclassifier: {clf_path}", err=True)
+    reference, flips = fid_references(teacher, clf_path, forget, ref_per_class, per_class * (len(class_names) - 1))
     setup_seconds = time.perf_counter() - t_all
 
     # the (method, seed) pipelines, --jobs at a time ----------------------------------------------
     common = {"teacher": str(teacher), "classifier": str(clf_path), "per_class": per_class, "ddim_steps": ddim_steps,
               "guidance": guidance, "ref_per_class": ref_per_class, "attack": attack_cfg,
-              "extra_w": generator_ws(names), "forget": 0, "override": 1}
+              "extra_w": generator_ws(names), "forget": forget, "override": override}
     specs = [{**common, "method": name, "seed": seed, "folder": str(out / name / f"seed{seed}"),
               **method_commands(name, seed, teacher, out / name / f"seed{seed}", iters, batch, model_args, quick,
-                                 data_args)}
+                                 data_args, (forget, override))}
              for name in ["teacher", *names] for seed in range(seeds)]
     specs.sort(key=lambda s: ([*METHODS, "teacher"].index(s["method"]), s["seed"]))
     t0 = time.perf_counter()
@@ -198,13 +222,15 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
 
     from sfd_ddpm.classifiers import classifier_quality_note, load_classifier
     clf_meta = load_classifier(clf_path)[1]
-    report = {"forget_class": 0, "override_class": 1,
+    report = {"forget_class": forget, "override_class": override, "forget_class_name": class_names[forget],
+              "override_class_name": class_names[override],
               "dataset": {"name": "folder" if data_root else "builtin",
                           "root": str(Path(data_root).resolve()) if data_root else None,
                           "image_size": image_size if data_root else 16, "class_names": class_names},
               "classifier_test_accuracy": clf_meta.get("test_accuracy"),
               "classifier_warning": classifier_quality_note(clf_meta), "seeds": list(range(seeds)), "iters": iters, "batch": batch,
-              "images_per_class": per_class, "reference_images_per_class": ref_per_class, "jobs": jobs, "quick": quick,
+              "images_per_class": per_class, "reference_images_per_class": ref_per_class, "reference": reference,
+              **flips, "jobs": jobs, "quick": quick,
               "protocol": {"guidance": guidance, "ddim_steps": ddim_steps,
                            "interval": "mean and two-sided 95% Student-t interval over seeds (seed k: training, "
                                        "sampling and attack seed k)"},
@@ -223,6 +249,23 @@ def main(outdir, demo, methods, seeds, iters, batch, per_class, ddim_steps, guid
     click.echo(md)
 
 
+def fid_references(teacher, clf_path, forget: int, per_class: int, generated: int) -> tuple[dict, dict]:
+    """What the FID of every pipeline is measured against (demo_report.reference_set on the teacher's data:
+    the numbers actually read, the feature dimension and the small-set warning), and the flip settings
+    of the teacher's data and of the classifier, for the report."""
+    from sfd_ddpm.checkpoints import read_metadata
+    from sfd_ddpm.classifiers import load_classifier
+    from sfd_ddpm.demo_report import feature_dim, reference_set, reference_summary
+
+    data = read_metadata(teacher)["config"]["data"]
+    clf, meta = load_classifier(clf_path)
+    ref, record = reference_set(forget, per_class, data)
+    reference = reference_summary(record, feature_dim(clf, ref), generated)
+    if reference["warning"]:
+        click.echo(f"WARNING: {reference['warning']}", err=True)
+    return reference, {"random_flip": data.get("random_flip"), "classifier_hflip": meta["training"].get("hflip")}
+
+
 def generator_ws(names: list[str]) -> list[float]:
     """The guidance scales the generator methods distil with (their configs' sfd.guidance): the teacher is
     also sampled at each, so every generator's distillation target is a row."""
@@ -233,13 +276,15 @@ def generator_ws(names: list[str]) -> list[float]:
 
 
 def method_commands(name: str, seed: int, teacher, folder: Path, iters: int, batch: int, model_args, quick,
-                    data_args=()) -> dict:
+                    data_args=(), classes=(0, 1)) -> dict:
     """The training (and SA Fisher) command of one (method, seed); none for the teacher. ``model_args``
-    (Retrain's from-scratch network and data) include ``data_args`` (the data overrides every method gets)."""
+    (Retrain's from-scratch network and data) include ``data_args`` (the data overrides every method gets).
+    ``classes``: (forget, override) indices, passed as index:N so that no folder name can be read instead."""
+    from sfd_ddpm.demo_report import class_args
     if name == "teacher":
         return {"train": None, "fisher": None}
     config, init_key = METHODS[name]
-    extra = [f"seed={seed}"] + ([f"{init_key}={teacher}"] if init_key else [])
+    extra = [f"seed={seed}"] + ([f"{init_key}={teacher}"] if init_key else []) + class_args(name, *classes)
     if name == "retrain":
         extra += model_args + (["training.n_iters=2", "training.batch_size=8", "training.snapshot_every=2"]
                                if quick else [])
@@ -255,6 +300,12 @@ def method_commands(name: str, seed: int, teacher, folder: Path, iters: int, bat
         extra.append(f"baseline.sa_fisher={path}")
     train = ["train.py", "--config", f"configs/{config}", "--outdir", str(folder / "train"), *map(str, extra)]
     return {"train": train, "fisher": fisher}
+
+
+def vdu_forget_images() -> int:
+    """How many training images of the forget class VDU reads (its config's vdu.forget_subset)."""
+    from sfd_ddpm.config import load_config
+    return int(load_config(TREE / "configs" / METHODS["vdu"][0])["vdu"]["forget_subset"])
 
 
 def run_pipelines(specs: list[dict], jobs: int) -> list[dict]:
@@ -322,7 +373,7 @@ def pipeline(spec: dict) -> None:
     if spec["attack"]:
         path = folder / "attack.json"
         seconds["attack"], cpu["attack"] = timed(attack_command(ckpt, spec["classifier"], path,
-                                                                {**spec["attack"], "seed": seed}),
+                                                                {**spec["attack"], "seed": seed}, spec["forget"]),
                                                  folder / "attack.log", f"attack on {spec['method']}")
         attack = attack_summary(path)
     seconds["total"] = time.perf_counter() - t_all
@@ -373,9 +424,9 @@ def table_rows(results: list[dict], methods: list[str]) -> list[dict]:
     return rows
 
 
-def attack_command(ckpt, clf_path, out, cfg: dict) -> list:
-    """evaluate.py attack on one model with the comparison's settings (forget class 0)."""
-    return ["evaluate.py", "attack", "--ckpt", ckpt, "--classifier", clf_path, "--forget", 0, "--budgets",
+def attack_command(ckpt, clf_path, out, cfg: dict, forget: int = 0) -> list:
+    """evaluate.py attack on one model with the comparison's settings (the forget class by index)."""
+    return ["evaluate.py", "attack", "--ckpt", ckpt, "--classifier", clf_path, "--forget", f"index:{forget}", "--budgets",
             f"0,{cfg['budget']}", "--n", cfg["n"], "--n-eval", cfg["n_eval"], "--steps", cfg["steps"], "--lr", cfg["lr"],
             "--prior-weight", cfg["prior_weight"], "--seed", cfg["seed"], "--device", "cpu", "--out", out]
 
@@ -395,6 +446,7 @@ def attack_summary(path) -> dict:
 
 
 def markdown(r: dict) -> str:
+    from sfd_ddpm.demo_report import flip_sentence, reference_sentence
     from sfd_ddpm.protocol import RULE, format_cell
     n = len(r["seeds"])
     p = r["protocol"]
@@ -404,8 +456,12 @@ def markdown(r: dict) -> str:
     where = "the built-in dataset" if d["name"] == "builtin" else f"the class folder {d['root']}"
     names = d["class_names"]
     acc = r.get("classifier_test_accuracy")
-    lines = [f"# Unlearning methods on {where} (forget class 0"
-             + (f", {names[0]}, into 1, {names[1]}" if names else "") + ")\n",
+    f, o = r.get("forget_class", 0), r.get("override_class", 1)
+    ref = r.get("reference")
+    refs = (f"{r['reference_images_per_class']} real test images per class" if ref is None
+            else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
+    lines = [f"# Unlearning methods on {where} (forget class {f}"
+             + (f", {names[f]}, into {o}, {names[o]}" if names else "") + ")\n",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "
              f"Retrain: builtin_retrain.yaml from scratch. Every cell is the mean ± the half-width of a two-sided 95% "
              f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, {seeded} seed k; the "
@@ -413,14 +469,17 @@ def markdown(r: dict) -> str:
              f"variant. Sampling protocol: every multi-step model unguided (w = 0) and guided (w = {p['guidance']:g}), "
              f"DDIM-{p['ddim_steps']}, eta 0, x0 clipped; every SFD generator one step, as distilled; the sampler column "
              f"names steps, w and NFE. FID = classifier-feature FID of the remaining classes against "
-             f"{r['reference_images_per_class']} real test images per class (not Inception FID). {r['jobs']} pipelines "
+             f"{refs} (not Inception FID). {r['jobs']} pipelines "
              f"ran at a time, so wall times include contention; CPU seconds do not. Total {r['seconds']:.0f} s."
              + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else "")
-             + ("" if acc is None else f" The judging classifier's test accuracy on real test images: {acc:.3f}."), ""]
-    if r.get("classifier_warning"):
-        lines += [f"**WARNING: {r['classifier_warning']}.**", ""]
+             + ("" if acc is None else f" The judging classifier's test accuracy on real test images: {acc:.3f}.")
+             + ("" if "random_flip" not in r else " " + flip_sentence(r["random_flip"], r.get("classifier_hflip"))),
+             ""]
+    for warning in (r.get("classifier_warning"), ref and ref["warning"]):
+        if warning:
+            lines += [f"**WARNING: {warning}.**", ""]
     if atk:
-        lines += [f"Attack columns: share of attacked images the classifier labels class 0 after {atk['budget']} "
+        lines += [f"Attack columns: share of attacked images the classifier labels class {f} after {atk['budget']} "
                   f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"
                   f"row and mean-row starts, judged on {atk['n_eval']} held-out noises; DDPM-kind models through "
                   f"DDIM-{atk['steps']} with guidance 2). They belong to the model, so both rows of a multi-step model "

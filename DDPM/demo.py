@@ -79,9 +79,14 @@ def finished_run(parent: Path, final: str) -> Path | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--outdir", type=click.Path(file_okay=False), default="../runs/demo", help="Where everything goes.")
-@click.option("--forget", default="0", help="Class to forget: an index or a class name (a folder name with --data-root).")
-@click.option("--override", default="1", help="Override class the teacher is asked for (index or name).")
+@click.option("--outdir", type=click.Path(file_okay=False), default=None,
+              help="Where everything goes (relative to the current directory). Default: runs/demo at the "
+                   "repository root (where `make demo` writes), whatever the current directory.")
+@click.option("--forget", default="0",
+              help="Class to forget: a class name (a folder name with --data-root) or an index (0 = the first name "
+                   "in sorted order). A value that names one class and indexes another (folders named 1, 2, 3) is "
+                   "refused: write name:1 or index:1.")
+@click.option("--override", default="1", help="Override class the teacher is asked for (name or index, as --forget).")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Your own images instead of the built-in dataset: a folder with one sub-folder per class "
                    "(class index = sorted folder names). Use a fresh --outdir per dataset.")
@@ -105,22 +110,30 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
          guided_config):
     """Pretrain, forget, sample, evaluate and report on the built-in dataset (or --data-root)."""
     from sfd_ddpm.data import resolve_class
-    from sfd_ddpm.demo_report import classifier_command, dataset_class_names, dataset_overrides, reuse_mismatch
+    # Paths the user gave are relative to the current directory; the stages run inside DDPM/, so make them absolute.
+    data_root = str(Path(data_root).resolve()) if data_root else None
+    guided_config = str(Path(guided_config).resolve()) if guided_config else None
+    from sfd_ddpm.demo_report import (class_args, classifier_command, dataset_class_names, dataset_overrides,
+                                      default_dir, folder_shortfall, reuse_mismatch)
     try:
         names = dataset_class_names(data_root, image_size)
         data_args = dataset_overrides(data_root, image_size)
         forget = resolve_class(forget, names, "--forget")
         override = resolve_class(override, names, "--override")
-    except ValueError as e:   # FolderError is one: empty folder, one class, unknown class
+        too_small = folder_shortfall(data_root, forget)
+    except ValueError as e:   # FolderError is one: empty folder, one class, unknown or ambiguous class
         raise click.UsageError(str(e))
     if forget == override:
         raise click.BadParameter("the override class must differ from the forget class", param_hint="--override")
+    if too_small:   # before any training, not after it
+        raise click.UsageError(too_small)
+    click.echo(f"forget class {forget} ({names[forget]}) into class {override} ({names[override]})", err=True)
     budget = dict(QUICK if quick else FULL)
     if sampling_seeds:
         budget["sampling_seeds"] = sampling_seeds
     teacher_yaml, sfd_yaml, guided_yaml = BACKBONES[backbone]
     guided_yaml = guided_config or guided_yaml
-    out = Path(outdir).resolve()
+    out = Path(outdir).resolve() if outdir else default_dir("demo")
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -164,7 +177,7 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     for name, yaml in configs.items():
         shutil.rmtree(out / name, ignore_errors=True)
         jobs[name] = ["train.py", "--config", yaml, "--outdir", out / name, f"sfd.init={teacher_ckpt}",
-                      f"sfd.forget=[{forget}]", f"sfd.override={override}", *budget["sfd"], *data_args]
+                      *class_args("sfd", forget, override), *budget["sfd"], *data_args]
     timing = run_parallel(jobs, out)
     titles = {"sfd": "SFD", "sfd_guided": "SFD guided"}
     sfd_runs = {name: {"run": next((out / name).iterdir()), "config": yaml, "title": titles[name], **timing[name]}

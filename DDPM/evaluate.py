@@ -114,7 +114,9 @@ out_option = click.option("--out", required=True, type=click.Path(dir_okay=False
                           help="Where to write the results and their settings.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              help="auto = CUDA when available.")
-classes_help = "by index or name, e.g. 0 or 0,3 or 1-9 or cat,dog (names: the classifier's classes)"
+classes_help = ("by name or index, e.g. cat,dog or 0 or 0,3 or 1-9 (names: the classifier's classes); name:X / "
+                "index:N force one reading, and a value that names one class and indexes another (folders named "
+                "1, 2, 3) is refused")
 
 
 @click.group(context_settings=CONTEXT)
@@ -296,7 +298,8 @@ def pul(original, unlearned, classifier, forget, n_images, out, batch, device, a
 @click.option("--judge", type=click.Path(dir_okay=False), default=None, metavar="FILE.safetensors",
               help="A second classifier that scores the attacked images instead (one the attack never saw), "
                    "to tell recovered class knowledge from images that only fool --classifier. [default: --classifier]")
-@click.option("--forget", required=True, metavar="CLASS", help="The forgotten class (one).")
+@click.option("--forget", required=True, metavar="CLASS",
+              help="The forgotten class (one), by name or index (name:X / index:N force one reading).")
 @click.option("--attacks", default="noise,embedding_forget,embedding_mean", metavar="LIST",
               help="Any of noise, embedding_forget, embedding_mean, comma-separated.")
 @click.option("--budgets", default="0,10,50", metavar="LIST",

@@ -135,7 +135,8 @@ def prepare_folder(out: Path, provenance: dict, overwrite: bool, dist) -> list[s
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR", help="Output folder.")
 @click.option("--classes", default="all",
               help="Classes to generate: 'all', '0,3,5', '1-9' or class names ('cat,dog': folder names for "
-                   "data.dataset=folder models).")
+                   "data.dataset=folder models); name:X / index:N force one reading, and a value that names one "
+                   "class and indexes another (folders named 1, 2, 3) is refused.")
 @click.option("--per-class", type=click.IntRange(min=1), default=10, help="Images per class.")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "one_step", "edm"]), default=None,
               help="ddpm = 1000-step ancestral, ddim, one_step = SFD/SiD generator, edm = EDM's Heun sampler "

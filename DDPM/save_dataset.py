@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
               help="Folder for the PNGs, named CCC_IIIII.png by class and index.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", help="Training or test images.")
 @click.option("--exclude-class", multiple=True, metavar="CLASS",
-              help="Leave out this class, by index or name (repeatable).")
+              help="Leave out this class, by name or index (repeatable; name:X / index:N force one reading).")
 @click.option("--per-class", type=click.IntRange(min=1), default=None, help="At most N images per class [default: all].")
 @click.option("--root", default="./data", help="torchvision dataset folder; for folder, the folder of class sub-folders.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,

@@ -101,14 +101,16 @@ def _init_data(cfg) -> dict | None:
         return None
 
 
-def prepare_data(cfg) -> dict:
+def prepare_data(cfg, saved: dict | None = None) -> dict:
     """Resolve the dataset's classes before any work: a folder dataset is checked against data.root
     (and data.n_classes), its folder names are stored in data.class_names, and forget/override classes
-    given by name become indices. A method starting from a folder-trained checkpoint inherits its
-    folder and class names. Raises ValueError with the fix."""
+    become indices by data.resolve_class's rule (names, indices, name:X / index:N; a value that is a
+    name of one class and the index of another is refused). A method starting from a folder-trained
+    checkpoint inherits its folder and class names. ``saved``: the config.json of the run being
+    resumed, whose class keys are indices already (kept as they are). Raises ValueError with the fix."""
     import copy
 
-    from sfd_ddpm.data import class_names, resolve_class, resolve_classes
+    from sfd_ddpm.data import class_names
     from sfd_ddpm.folder_data import find_classes
 
     cfg = copy.deepcopy(cfg)
@@ -130,27 +132,48 @@ def prepare_data(cfg) -> dict:
                                  f"folders ({', '.join(found)}); set data.n_classes={len(found)}")
             d["class_names"] = found
     elif init is None and not _names_given(cfg):
-        return cfg  # indices only: the methods check their ranges
+        return cfg  # indices only, and no names they could be confused with: the methods check their ranges
     names = class_names(init if init is not None and d["dataset"] != "folder" else cfg)
-    for section, key in FORGET_KEYS:
-        value = cfg[section][key]
-        if isinstance(value, (list, str)) and any(isinstance(v, str) for v in (value if isinstance(value, list) else [value])):
-            cfg[section][key] = resolve_classes(value if isinstance(value, list) else [value], names,
-                                                f"{section}.{key} class")
-    over = cfg["sfd"]["override"]
-    if isinstance(over, str) and over not in ("random", "classifier"):
-        cfg["sfd"]["override"] = resolve_class(over, names, "sfd.override class")
-    elif isinstance(over, dict) and any(isinstance(v, str) for kv in over.items() for v in kv):
-        cfg["sfd"]["override"] = {resolve_class(k, names, "sfd.override forget class"):
-                                  resolve_class(v, names, "sfd.override class") for k, v in over.items()}
+    for section, key in CLASS_KEYS:
+        # Every value of the keys this method reads (ints too: `sfd.forget=[1]` reaches us as an int where
+        # evaluate.py --forget 1 is text, and both must name the same class); other keys only when they name.
+        if saved is not None and saved.get(section, {}).get(key) == cfg[section][key]:
+            continue
+        if (section, key) in USED_KEYS.get(cfg["method"], ()) or _names_given_in(cfg[section][key]):
+            cfg[section][key] = _resolve_key(cfg[section][key], names, f"{section}.{key}")
     return cfg
 
 
+# The class keys of the config, and those each method reads.
+CLASS_KEYS = FORGET_KEYS + (("sfd", "override"),)
+USED_KEYS = {"sfd": (("sfd", "forget"), ("sfd", "override")), "sid": (("sfd", "forget"),),  # sid forgets nothing
+             **{m: (("baseline", "forget"),) for m in ("retrain", "sa", "salun", "esd")}, "vdu": (("vdu", "forget"),)}
+OVERRIDE_MODES = ("random", "classifier")
+
+
+def _resolve_key(value, names: list[str], key: str):
+    """A forget list / override (class, {forget: override} mapping or mode) with its classes as indices."""
+    from sfd_ddpm.data import resolve_class, resolve_classes
+
+    if key == "sfd.override":
+        if isinstance(value, dict):
+            return {resolve_class(k, names, "sfd.override forget class"): resolve_class(v, names, "sfd.override class")
+                    for k, v in value.items()}
+        if value in OVERRIDE_MODES or value is None:
+            return value
+        return resolve_class(value, names, "sfd.override class")
+    return resolve_classes(value if isinstance(value, list) else [value], names, f"{key} class")
+
+
+def _names_given_in(value) -> bool:
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    flat = value if isinstance(value, list) else [value]
+    return any(isinstance(x, str) and x not in OVERRIDE_MODES for x in flat)
+
+
 def _names_given(cfg) -> bool:
-    values = [cfg[s][k] for s, k in FORGET_KEYS] + [cfg["sfd"]["override"]]
-    flat = [x for v in values for x in (v if isinstance(v, list) else v.items() if isinstance(v, dict) else [v])]
-    flat = [y for x in flat for y in (x if isinstance(x, tuple) else [x])]
-    return any(isinstance(x, str) and x not in ("random", "classifier") for x in flat)
+    return any(_names_given_in(cfg[s][k]) for s, k in CLASS_KEYS)
 
 
 def run(cfg, config_path, outdir, resume_dir, device):
@@ -165,7 +188,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
     if not resume_dir:
         check_outdir(outdir)
     try:
-        cfg = prepare_data(cfg)
+        cfg = prepare_data(cfg, json.loads((Path(resume_dir) / "config.json").read_text()) if resume_dir else None)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     dist = distributed.init(None if device == "auto" else device)

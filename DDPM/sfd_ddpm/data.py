@@ -65,27 +65,41 @@ def class_names(source) -> list[str]:
 
 
 def resolve_class(value, names: list[str], what: str = "class") -> int:
-    """One class given by index (int or digit string) or by name -> its index.
+    """One class -> its index, by one rule whatever its type (YAML reads ``sfd.forget=[1]`` as an int,
+    the command line ``--forget 1`` as text: both must mean the same class).
 
-    A string is a name first; a digit string that is not a name is an index. An index that is also
-    the name of *another* class is ambiguous and refused (write ``name:NAME`` or ``index:N``)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} {value!r} is neither a class name nor an index")
+    ``name:X`` is the class named X, ``index:N`` class N. A bare value is read both ways, as a name
+    (a class called so) and as an index (a whole number in range): one reading is taken; two readings
+    of the same class agree; two readings of different classes are ambiguous and refused, the message
+    showing both and how to choose. Every script reads classes through here (train.py's forget and
+    override keys, sample.py --classes, evaluate.py --forget/--exclude, save_dataset.py
+    --exclude-class, demo.py and compare.py --forget/--override)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{what} {value!r} is neither a class name nor an index; classes: {_listing(names)}")
     text = str(value).strip()
     if text.startswith("name:"):
         return _by_name(text[5:], names, what)
-    explicit = text.startswith("index:")
-    text = text[6:] if explicit else text
-    if isinstance(value, str) and not explicit and text in names:
-        return names.index(text)
-    if not text.lstrip("-").isdigit():
+    if text.startswith("index:"):
+        if not text[6:].strip().isdigit():
+            raise ValueError(f"{what} {text!r}: index: takes a whole number; classes: {_listing(names)}")
+        return _by_index(int(text[6:]), names, what)
+    as_name = names.index(text) if text in names else None
+    if text.lstrip("-").isdigit():
+        as_index = int(text)
+        if as_name is None:
+            return _by_index(as_index, names, what)
+        if 0 <= as_index < len(names) and as_index != as_name:
+            raise ValueError(
+                f"{what} {text} is ambiguous: as a name it is class {as_name} ('{names[as_name]}'), as an index it "
+                f"is class {as_index} ('{names[as_index]}'); write name:{text} or index:{as_index}")
+    if as_name is None:
         return _by_name(text, names, what)
-    index = int(text)
+    return as_name
+
+
+def _by_index(index: int, names: list[str], what: str) -> int:
     if not 0 <= index < len(names):
         raise ValueError(f"{what} {index} is out of range [0, {len(names) - 1}] (classes: {_listing(names)})")
-    if not explicit and text in names and names.index(text) != index:
-        raise ValueError(f"{what} {index} is ambiguous: index {index} is {names[index]!r} but class "
-                         f"{names.index(text)} is named '{text}'; write name:{text} or index:{index}")
     return index
 
 
@@ -104,7 +118,7 @@ def _listing(names: list[str]) -> str:
 
 
 def resolve_classes(values, names: list[str], what: str = "class") -> list[int]:
-    """A list of classes by index or name, or a text 'all' / '0,3' / '1-9' / 'cat,dog' -> indices."""
+    """A list of classes (each by resolve_class's rule), or a text 'all' / '0,3' / '1-9' / 'cat,dog'."""
     if isinstance(values, (int, bool)):
         values = [values]
     if isinstance(values, str):

@@ -41,19 +41,111 @@ def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0
     return x, labels, rate, nfe(sampler, steps, guidance, cfg["diffusion"]["num_timesteps"])
 
 
-def reference_images(forget: int, per_class: int, data: dict | None = None) -> torch.Tensor:
-    """Real test images of the remaining classes, the first ``per_class`` of each (the FID reference).
-    ``data``: the teacher config's data section (None = the built-in dataset at 16 px); a class folder's
-    test images are its fixed held-out split."""
+def reference_set(forget: int, per_class: int, data: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """(images, record): real test images of the remaining classes, the first ``per_class`` of each (the
+    FID reference), and what was actually read: {"requested_per_class", "per_class": {name: n},
+    "n_images", "split"}. ``data``: the teacher config's data section (None = the built-in dataset at
+    16 px); a class folder's test images are its fixed held-out split, often fewer than requested."""
     data = data or {"dataset": "builtin", "image_size": 16}
     ds = load_dataset(data["dataset"], root=data.get("root") or "./data", image_size=data["image_size"], split="test",
                       download=False)
     targets = [int(t) for t in ds.targets]
-    keep = [i for c in sorted(set(targets)) if c != forget for i in [j for j, t in enumerate(targets) if t == c][:per_class]]
-    return torch.stack([ds[i][0] for i in keep]) if not hasattr(ds, "images") else ds.images[keep]
+    by_class = {c: [j for j, t in enumerate(targets) if t == c][:per_class] for c in sorted(set(targets)) if c != forget}
+    keep = [i for idx in by_class.values() for i in idx]
+    names = class_names(ds)
+    images = torch.stack([ds[i][0] for i in keep]) if not hasattr(ds, "images") else ds.images[keep]
+    split = "held-out split of the class folder" if data["dataset"] == "folder" else "test split"
+    return images, {"requested_per_class": per_class, "n_images": len(keep), "split": split,
+                    "per_class": {names[c]: len(idx) for c, idx in by_class.items()}}
+
+
+def reference_images(forget: int, per_class: int, data: dict | None = None) -> torch.Tensor:
+    """The images of reference_set."""
+    return reference_set(forget, per_class, data)[0]
+
+
+def feature_dim(clf, image: torch.Tensor) -> int:
+    """The dimension of the classifier-feature space the FID is measured in (one image through it)."""
+    from .metrics.fid import ClassifierFeatureSpace
+    return int(ClassifierFeatureSpace(clf).extract(image[:1])[0].shape[1])
+
+
+def reference_summary(record: dict, dim: int, generated_per_seed: int | None = None) -> dict:
+    """The FID set sizes as the reports state them: the reference record with the feature dimension and a
+    warning when the reference set (or one seed's generated images) holds fewer images than that
+    dimension: the covariance is then singular and FID moves with the draw of images, not the model."""
+    small = []
+    if record["n_images"] < dim:
+        small.append(f"the FID reference holds {record['n_images']} real images, fewer than the {dim} dimensions of "
+                     f"the classifier features")
+    if generated_per_seed is not None and generated_per_seed < dim:
+        small.append(f"each seed's FID uses {generated_per_seed} generated images, fewer than the {dim} feature "
+                     f"dimensions")
+    warning = None if not small else (
+        "; ".join(small) + ": the FID is unstable (its covariance is singular); read it only beside numbers "
+        "measured against the same references, or use more reference images (a class folder: more held-out "
+        "images) and more generated images per class")
+    return {**record, "feature_dim": dim, "generated_per_seed": generated_per_seed, "warning": warning}
+
+
+def reference_sentence(ref: dict) -> str:
+    """'1800 real test images (200 per class)' or, where classes differ, their range."""
+    counts = list(ref["per_class"].values())
+    per = f"{counts[0]} per class" if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} per class"
+    return f"{ref['n_images']} real images of the remaining classes from the {ref['split']} ({per})"
+
+
+def flip_sentence(teacher_flip, classifier_hflip) -> str:
+    """The left-right flip settings: the teacher's data.random_flip and the evaluation classifier's hflip."""
+    said = lambda v: "unknown" if v is None else "on" if v else "off"  # noqa: E731
+    return (f"Random left-right flips: teacher training {said(teacher_flip)} (data.random_flip), evaluation "
+            f"classifier {said(classifier_hflip)}.")
+
+
+def folder_shortfall(data_root, forget: int, forget_train_images: int = 0) -> str | None:
+    """Why the class folder is too small for the demo / comparison (None: it is not), from the file names
+    alone, before any training. The FID needs at least 2 held-out images of the remaining classes; VDU's
+    D_f (``forget_train_images`` = vdu.forget_subset) that many training images of the forget class."""
+    if data_root is None:
+        return None
+    from .folder_data import held_out_files, scan
+    info = scan(data_root)
+    names = info["classes"]
+    count = lambda split, c: sum(1 for _, y in info["files"][split] if y == c)  # noqa: E731
+    held_out = sum(count("test", c) for c in range(len(names)) if c != forget)
+    if held_out < 2:
+        need = _images_for(lambda n: len(held_out_files("x", [str(i) for i in range(n)])) >= 2)
+        return (f"{data_root} holds {held_out} held-out image(s) of the remaining classes; the FID needs at least 2: "
+                f"give a remaining class at least {need} images (10% are held out)")
+    have = count("train", forget)
+    if have < forget_train_images:
+        need = _images_for(lambda n: n - len(held_out_files("x", [str(i) for i in range(n)])) >= forget_train_images)
+        return (f"class folder {names[forget]!r} of {data_root} holds {have} training images (after the 10% held "
+                f"out) but VDU reads {forget_train_images} (vdu.forget_subset): it needs at least {need} images, "
+                f"or leave vdu out (--methods)")
+    return None
+
+
+def _images_for(enough) -> int:
+    """The smallest number of images of one class for which ``enough(n)`` holds."""
+    n = 2
+    while not enough(n):
+        n += 1
+    return n
 
 
 # --- the demo's and compare's data: the built-in dataset, or the user's class folder (--data-root) ---------
+
+# Where the demo and the comparison write by default: the repository's runs/ folder (the one `make demo`
+# and `make compare` use), whatever the current directory. An explicit --outdir / --demo is a path
+# relative to the current directory, as for every other script.
+REPO_RUNS = Path(__file__).resolve().parents[2] / "runs"
+
+
+def default_dir(name: str) -> Path:
+    """REPO_RUNS / name: runs/demo, runs/compare."""
+    return REPO_RUNS / name
+
 
 def dataset_overrides(data_root, image_size: int) -> list[str]:
     """The train.py overrides for the data: none for the built-in dataset (the configs' own), the class
@@ -69,6 +161,14 @@ def dataset_class_names(data_root, image_size: int) -> list[str]:
         return class_names("builtin")
     from .folder_data import find_classes
     return find_classes(data_root)
+
+
+def class_args(method: str, forget: int, override: int) -> list[str]:
+    """The train.py overrides that set a method's forget class (and SFD's override) by index. Written
+    index:N so that a folder named by a number can never be read instead (data.resolve_class)."""
+    if method in ("sfd", "sfd_guided"):
+        return [f"sfd.forget=[index:{forget}]", f"sfd.override=index:{override}"]
+    return [f"{'vdu' if method == 'vdu' else 'baseline'}.forget=[index:{forget}]"]
 
 
 def classifier_command(path, data_root, image_size: int, quick: bool) -> list:
@@ -218,7 +318,10 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     clf, clf_meta = load_classifier(clf_path)
     teacher_cfg = read_metadata(teacher_ckpt)["config"]
     names = class_names(teacher_cfg)
-    ref = reference_images(forget, budget["ref_per_class"], teacher_cfg["data"])
+    ref, ref_record = reference_set(forget, budget["ref_per_class"], teacher_cfg["data"])
+    reference = reference_summary(ref_record, feature_dim(clf, ref), per_class * (len(names) - 1))
+    if reference["warning"]:
+        click_echo(f"WARNING: {reference['warning']}")
     steps = {"ddim_steps": budget["ddim_steps"], "edm_steps": budget["edm_steps"]}
     generators = {}
     for name, info in sfd_runs.items():
@@ -259,12 +362,15 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     seconds_total = time.perf_counter() - t_all
     report = {
         "forget_class": forget, "override_class": override,
+        "forget_class_name": names[forget], "override_class_name": names[override],
         "dataset": {"name": teacher_cfg["data"]["dataset"], "root": teacher_cfg["data"].get("root"),
-                    "image_size": teacher_cfg["data"]["image_size"], "class_names": names},
+                    "image_size": teacher_cfg["data"]["image_size"], "class_names": names,
+                    "random_flip": teacher_cfg["data"].get("random_flip")},
+        "classifier_hflip": clf_meta.get("training", {}).get("hflip"),
         "classifier_test_accuracy": clf_meta.get("test_accuracy"),
         "classifier_warning": classifier_quality_note(clf_meta),
         "protocol": {"guidance": guidance, **steps, "sampling_seeds": seeds, "images_per_class_per_seed": per_class,
-                     "reference_images_per_class": budget["ref_per_class"],
+                     "reference_images_per_class": budget["ref_per_class"], "reference": reference,
                      "interval": "mean and two-sided 95% Student-t interval over the sampling seeds (each seed's "
                                  "images measured on their own)"},
         "fid_kind": "classifier_fid: FID in the penultimate-feature space of the evaluation classifier, remaining "
@@ -355,16 +461,21 @@ def report_markdown(r: dict) -> str:
     names = d["class_names"]
     where = "the built-in dataset" if d["name"] == "builtin" else f"{d['name']} data ({d['root'] or ''})"
     acc = r["classifier_test_accuracy"]
+    ref = p.get("reference")
+    refs = (f"{p['reference_images_per_class']} real test images per class" if ref is None
+            else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
+    warn = f"\n\n**WARNING: {ref['warning']}.**" if ref and ref["warning"] else ""
+    flips = "" if "random_flip" not in d else " " + flip_sentence(d["random_flip"], r.get("classifier_hflip"))
     judge = "The evaluation classifier's test accuracy on real held-out images: " + (
         "unknown" if acc is None else f"{acc:.3f}") + "." + (
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
     return (f"# SFD demo on {where}\n\nForget class {f} ({names[f]}) into override {o} "
-            f"({names[o]}). {judge}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
+            f"({names[o]}). {judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
             f"would, and reads higher). Multi-step models are sampled unguided and guided (w = {p['guidance']:g}); "
             f"each SFD generator one step, as distilled (w = the guidance it was distilled with). FID: "
-            f"classifier-feature FID of the remaining classes against {p['reference_images_per_class']} real test "
-            f"images per class (not Inception FID).\n\n{markdown_table(r)}\n\n" + "\n".join(target_sentences(r))
+            f"classifier-feature FID of the remaining classes against {refs} (not Inception FID).{warn}"
+            f"\n\n{markdown_table(r)}\n\n" + "\n".join(target_sentences(r))
             + f"{skipped}\n\nStage times (s): {stages}; total {r['seconds']:.0f}.\n\n"
             "![teacher and SFD samples](comparison.png)\n\n![SFD training curves](curve.png)\n")

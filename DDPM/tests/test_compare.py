@@ -3,6 +3,7 @@ columns, and the whole pipeline at --quick with two seeds."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,63 @@ def test_method_commands_carry_the_seed(tmp_path):
     assert compare.method_commands("teacher", 1, "T", tmp_path, 200, 32, [], False) == {"train": None, "fisher": None}
     retrain = compare.method_commands("retrain", 2, "T", tmp_path, 200, 32, [], False)["train"]
     assert "seed=2" in retrain and not any(a.startswith("training.n_iters") for a in retrain)
+
+
+def test_compare_defaults_to_the_repository_runs_from_any_cwd(tmp_path, monkeypatch):
+    """No --outdir / --demo: runs/compare and runs/demo at the repository root (where `make compare` and
+    `make demo` write), from any current directory."""
+    from click.testing import CliRunner
+
+    from sfd_ddpm import demo_report
+    from conftest import TREE
+    expected = TREE.parent / "runs" / "compare"
+    assert demo_report.default_dir("compare") == (TREE / "../runs/compare").resolve() == expected
+    monkeypatch.setattr(demo_report, "REPO_RUNS", tmp_path / "repo_runs")   # the test writes nothing into the repo
+    monkeypatch.chdir(tmp_path)
+    started, looked = [], []
+
+    def finished(parent):
+        looked.append(Path(parent))
+        if len(looked) > 1:
+            raise RuntimeError("stopped before training")
+    monkeypatch.setattr(compare, "start", lambda cmd, log: started.append([str(c) for c in cmd]))
+    monkeypatch.setattr(compare, "wait", lambda proc, what, log: 0.0)
+    monkeypatch.setattr(compare, "finished_run", finished)
+    result = CliRunner().invoke(compare.main, ["--methods", "sfd"])
+    assert isinstance(result.exception, RuntimeError), result.output
+    runs = tmp_path / "repo_runs"
+    assert started[0][started[0].index("--out") + 1] == str(runs / "compare" / "classifier.safetensors")
+    assert looked == [runs / "demo" / "teacher", runs / "compare" / "teacher"]
+
+
+def test_compare_refuses_a_folder_too_small_for_vdu_before_training(tmp_path, monkeypatch):
+    """VDU reads 64 training images of the forget class (vdu.forget_subset): a class of 12 images is refused
+    in one line that says how many it needs, before any stage starts; without VDU the folder is enough."""
+    from click.testing import CliRunner
+
+    from test_demo import image_folder
+    root = image_folder(tmp_path / "small", {"a": 12, "b": 12, "c": 12})
+    started = []
+    monkeypatch.setattr(compare, "start", lambda cmd, log: started.append(cmd) or (_ for _ in ()).throw(RuntimeError()))
+    args = ["--data-root", str(root), "--image-size", "8", "--quick", "--outdir", str(tmp_path / "out"), "--demo",
+            str(tmp_path / "nodemo")]
+    result = CliRunner().invoke(compare.main, [*args, "--methods", "sfd,vdu"])
+    assert result.exit_code == 2 and not started and not (tmp_path / "out").exists(), result.output
+    assert ("class folder 'a' of " in result.output and "holds 11 training images" in result.output
+            and "VDU reads 64 (vdu.forget_subset): it needs at least 71 images" in result.output)
+    assert isinstance(CliRunner().invoke(compare.main, [*args, "--methods", "sfd"]).exception, RuntimeError) and started
+
+
+def test_markdown_states_references_read_flips_and_warning():
+    rows = compare.table_rows(constructed_results(), ["teacher", "sfd", "esd"])
+    ref = {"n_images": 35, "per_class": {"b": 17, "c": 18}, "split": "held-out split of the class folder",
+           "requested_per_class": 100, "feature_dim": 128, "warning": "the FID reference holds 35 real images, fewer "
+           "than the 128 dimensions of the classifier features: the FID is unstable"}
+    md = compare.markdown({**_report(rows), "reference": ref, "random_flip": False, "classifier_hflip": False,
+                           "forget_class": 2, "override_class": 0,
+                           "dataset": {"name": "folder", "root": "x", "class_names": ["b", "c", "a"]}})
+    assert ("against 35 real images of the remaining classes from the held-out split of the class folder (17-18 per "
+            "class), in the classifier's 128-dimensional feature space") in md and "100 real" not in md
+    assert f"**WARNING: {ref['warning']}.**" in md and "(forget class 2, a, into 0, b)" in md
+    assert "Random left-right flips: teacher training off (data.random_flip), evaluation classifier off." in md
+    assert "labels class 2 after" in md

@@ -5,8 +5,12 @@ import json
 import re
 import shlex
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
+from PIL import Image
 
+import demo
 from conftest import TREE, run_script
 
 REPORT_KEYS = {"forget_class", "override_class", "protocol", "fid_kind", "rows", "skipped", "curves", "seconds",
@@ -70,6 +74,13 @@ def test_quick_demo_pipeline(tmp_path):
     assert cells["unlearning accuracy (class 0), higher = forgotten"] == [fmt(rows[k]["metrics"]["ua"]) for k in order]
     assert cells["network evaluations per image"] == [str(rows[k]["nfe"]) for k in order]
     assert "95% Student-t interval over 3 sampling seeds" in md
+    # the references the FID used, as read (8 per remaining class at --quick), and the flip settings
+    ref = report["protocol"]["reference"]
+    assert ref["n_images"] == 72 and set(ref["per_class"].values()) == {8} and ref["feature_dim"] > 0
+    assert "72 real images of the remaining classes from the test split (8 per class)" in md
+    small = min(72, ref["generated_per_seed"]) < ref["feature_dim"]   # 3 images x 9 classes per seed at --quick
+    assert ref["generated_per_seed"] == 27 and (ref["warning"] is not None) == small
+    assert "Random left-right flips" in md
     assert "classifier" in report["fid_kind"] and report["settings"]["teacher_sha256"]
     for name in ("report.md", "comparison.png", "curve.png"):
         assert (out / name).stat().st_size > 0
@@ -135,3 +146,87 @@ def test_readme_dry_runs_resolve():
         cfg = json.loads(run_script("train.py", "--config", f"configs/{name}.yaml", "--dry-run").stdout)
         assert cfg == C.load_config(f"configs/{name}.yaml"), name  # the CLI resolves exactly as the library
         assert cfg["method"] == ("pretrain" if name.endswith("train") else "sid" if "sid" in name else "sfd"), name
+
+
+def image_folder(root, counts: dict[str, int], size: int = 8):
+    """Class folders of random PNGs: {class name: number of images}."""
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def stop_at_first_stage(monkeypatch):
+    """demo.run records the command of the first stage (the classifier) and stops the demo there."""
+    seen = []
+
+    def run(cmd):
+        seen.append([str(c) for c in cmd])
+        raise RuntimeError("stopped before training")
+    monkeypatch.setattr(demo, "run", run)
+    return seen
+
+
+def test_demo_outputs_default_to_the_repository_runs_from_any_cwd(tmp_path, monkeypatch):
+    """No --outdir: runs/demo at the repository root (where `make demo`, cd DDPM && --outdir ../runs/demo,
+    writes), from any current directory; an explicit --outdir and --data-root are relative to the cwd."""
+    from sfd_ddpm import demo_report
+    assert demo_report.default_dir("demo") == TREE.parent / "runs" / "demo" == (TREE / "../runs/demo").resolve()
+    make = (TREE.parent / "Makefile").read_text()
+    assert "cd DDPM && $(abspath $(PY)) demo.py --outdir ../runs/demo" in make
+    monkeypatch.setattr(demo_report, "REPO_RUNS", tmp_path / "repo_runs")   # the test writes nothing into the repo
+    monkeypatch.chdir(tmp_path)
+    seen = stop_at_first_stage(monkeypatch)
+    assert isinstance(CliRunner().invoke(demo.main, ["--quick"]).exception, RuntimeError)
+    assert seen[-1][seen[-1].index("--out") + 1] == str(tmp_path / "repo_runs" / "demo" / "classifier.safetensors")
+    image_folder(tmp_path / "imgs", {"a": 4, "b": 4, "c": 4})
+    CliRunner().invoke(demo.main, ["--quick", "--outdir", "mine", "--data-root", "imgs", "--image-size", "8"])
+    cmd = seen[-1]
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "mine" / "classifier.safetensors")
+    assert cmd[cmd.index("--root") + 1] == str(tmp_path / "imgs")   # the stages run inside DDPM/
+
+
+def test_demo_refuses_a_folder_too_small_for_its_references_before_training(tmp_path, monkeypatch):
+    """Two classes of 5 images: the remaining class holds out 1 image and FID needs 2: one line saying
+    how many images the class needs, before any stage runs and before the output folder is made."""
+    seen = stop_at_first_stage(monkeypatch)
+    root = image_folder(tmp_path / "tiny", {"cat": 5, "dog": 5})
+    result = CliRunner().invoke(demo.main, ["--quick", "--data-root", str(root), "--image-size", "8",
+                                            "--outdir", str(tmp_path / "out"), "--forget", "cat", "--override", "dog"])
+    assert result.exit_code == 2 and not seen and not (tmp_path / "out").exists()
+    assert "the FID needs at least 2: give a remaining class at least 15 images" in result.output
+    image_folder(tmp_path / "enough", {"cat": 5, "dog": 15})   # dog holds out 2: the demo starts
+    result = CliRunner().invoke(demo.main, ["--quick", "--data-root", str(tmp_path / "enough"), "--image-size", "8",
+                                            "--outdir", str(tmp_path / "out"), "--forget", "cat", "--override", "dog"])
+    assert isinstance(result.exception, RuntimeError) and seen
+
+
+def test_report_states_the_references_read_and_warns_below_the_feature_dimension(tmp_path):
+    """A small folder holds out 1-2 images per class, not the 200 requested: the record counts what was read,
+    the report says so, and warns that FID is unstable with fewer references than feature dimensions."""
+    from sfd_ddpm.classifiers import SmallCNN
+    from sfd_ddpm.demo_report import feature_dim, reference_set, reference_summary, report_markdown
+    from sfd_ddpm.folder_data import load_folder
+
+    root = image_folder(tmp_path / "digits", {"0": 12, "1": 15, "2": 12})
+    data = {"dataset": "folder", "root": str(root), "image_size": 8}
+    ref, record = reference_set(0, 200, data)
+    test = load_folder(root, 8, "test")
+    read = sum(1 for t in test.targets if t != 0)
+    assert record["n_images"] == len(ref) == read == 3 and record["per_class"] == {"1": 2, "2": 1}
+    dim = feature_dim(SmallCNN(3, 3, 4), ref)
+    summary = reference_summary(record, dim, generated_per_seed=2 * 17)
+    assert summary["feature_dim"] == dim > 3 and "holds 3 real images, fewer than the" in summary["warning"]
+    assert reference_summary({**record, "n_images": dim}, dim)["warning"] is None
+    report = {"forget_class": 0, "override_class": 1, "classifier_test_accuracy": None, "classifier_warning": None,
+              "classifier_hflip": True, "skipped": {}, "stage_seconds": {}, "seconds": 1.0, "rows": [],
+              "dataset": {"name": "folder", "root": str(root), "class_names": ["0", "1", "2"], "random_flip": False},
+              "protocol": {"sampling_seeds": [0], "images_per_class_per_seed": 17, "guidance": 2.0,
+                           "reference_images_per_class": 200, "reference": summary}}
+    md = report_markdown(report)
+    assert "against 3 real images of the remaining classes from the held-out split of the class folder (1-2 per " \
+           f"class), in the classifier's {dim}-dimensional feature space" in md and "200 real" not in md
+    assert f"**WARNING: {summary['warning']}.**" in md
+    assert "Random left-right flips: teacher training off (data.random_flip), evaluation classifier on." in md
