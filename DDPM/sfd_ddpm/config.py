@@ -231,6 +231,88 @@ MINIMUM.update({"training.early_snapshots": 0, "grid.steps": 1, "grid.per_class"
                 "diffusion.num_timesteps": 1, "model.base_channels": 1, "model.layers_per_block": 1})
 
 
+
+class Range:
+    """The valid values of a rate, weight, probability or noise level: low..high, each end open or closed
+    (an Adam ``betas`` key: a pair, each of its values in the range)."""
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False, pair=False):
+        self.low, self.high, self.low_open, self.high_open, self.pair = low, high, low_open, high_open, pair
+
+    def holds(self, x) -> bool:
+        return ((self.low is None or (x > self.low if self.low_open else x >= self.low))
+                and (self.high is None or (x < self.high if self.high_open else x <= self.high)))
+
+    def __str__(self) -> str:
+        lo = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        hi = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{'a pair of values in ' if self.pair else ''}{lo}, {hi}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
+PROBABILITY, BELOW_ONE = Range(0, 1), Range(0, 1, high_open=True)
+ADAM_BETAS = Range(0, 1, high_open=True, pair=True)  # beta = 1 never forgets a moment (Adam divides by 1 - beta^k)
+
+# Every rate, weight, probability and noise level of the schema, with its valid range (checked whenever a
+# value is set, before any work; tests/test_settings.py fails for a new such key missing here). Ordered
+# pairs (t ranges, sigma and beta ranges) are checked on the whole config by check_order.
+RANGES = {
+    "model.dropout": BELOW_ONE,
+    **{f"edm.{k}": POSITIVE for k in ("sigma_min", "sigma_max", "rho", "sigma_data", "P_std")},
+    "diffusion.beta_start": Range(0, 1, low_open=True, high_open=True),  # a variance kept below 1: abar > 0
+    "diffusion.beta_end": Range(0, 1, low_open=True, high_open=True),
+    "training.lr": POSITIVE, "training.adam_eps": POSITIVE, "training.betas": ADAM_BETAS,
+    "training.grad_clip": NON_NEGATIVE, "training.ema": PROBABILITY, "training.label_dropout": PROBABILITY,
+    "training.lr_warmup": NON_NEGATIVE,
+    "grid.eta": PROBABILITY, "grid.guidance": NON_NEGATIVE,
+    "sfd.alpha": NON_NEGATIVE, "sfd.guidance": NON_NEGATIVE, "sfd.guidance_fake_train": NON_NEGATIVE,
+    "sfd.guidance_fake_eval": NON_NEGATIVE, "sfd.label_dropout": BELOW_ONE,  # 1 would leave no labelled sample
+    **{f"sfd.{k}": NON_NEGATIVE for k in ("t_min", "t_max", "t_init", "warmup_t_min", "warmup_t_max",
+                                          "lambda_phi_r", "lambda_phi_f", "lambda_theta_r", "lambda_theta_f",
+                                          "grad_clip_value")},
+    "sfd.sigma_init": POSITIVE, "sfd.forget_warmup": PROBABILITY, "sfd.lr_phi": POSITIVE, "sfd.lr_theta": POSITIVE,
+    "sfd.betas": ADAM_BETAS,
+    "baseline.lr": POSITIVE, "baseline.betas": ADAM_BETAS, "baseline.grad_clip": NON_NEGATIVE,
+    **{f"baseline.{k}": NON_NEGATIVE for k in ("sa_gamma", "sa_lambda", "sa_replay_guidance", "salun_alpha",
+                                               "esd_eta", "esd_guidance")},
+    "baseline.salun_fraction": Range(0, 1, low_open=True),  # an empty mask would train nothing
+    "vdu.lambda_p": NON_NEGATIVE, "vdu.target_ratio": POSITIVE, "vdu.gamma": NON_NEGATIVE,
+    "vdu.precision_eps": NON_NEGATIVE, "vdu.lr": POSITIVE, "vdu.betas": ADAM_BETAS,
+}
+
+# (low key, high key, how): pairs that must be ordered; "<" for a half-open range [low, high).
+ORDERED = [("sfd.t_min", "sfd.t_max", "<"), ("sfd.warmup_t_min", "sfd.warmup_t_max", "<"),
+           ("edm.sigma_min", "edm.sigma_max", "<"), ("diffusion.beta_start", "diffusion.beta_end", "<=")]
+
+
+def _check_range(path: str, value) -> None:
+    rng = RANGES.get(path)
+    if rng is None or value is None:
+        return
+    values = value if rng.pair else [value]
+    if rng.pair and (not isinstance(value, list) or len(value) != 2):
+        raise ConfigError(f"{path} must be a pair [beta1, beta2], got {value!r}")
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ConfigError(f"{path} must hold numbers, got {value!r}")
+        if not rng.holds(x):
+            raise ConfigError(f"{path}={value!r} is out of range: allowed {rng}")
+
+
+def _get(cfg: dict, path: str):
+    for part in path.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def check_order(cfg: dict) -> None:
+    """Refuse a range whose ends are swapped (or empty), e.g. sfd.t_min >= sfd.t_max."""
+    for lo_key, hi_key, how in ORDERED:
+        lo, hi = _get(cfg, lo_key), _get(cfg, hi_key)
+        if not (lo < hi if how == "<" else lo <= hi):
+            raise ConfigError(f"{lo_key}={lo!r} and {hi_key}={hi!r}: need {lo_key} {how} {hi_key}")
+
+
 def _is_leaf(node) -> bool:
     return isinstance(node, tuple)
 
@@ -267,6 +349,17 @@ def _check_type(path: str, value, default):
         raise ConfigError(f"data.mirror_md5 must be an md5 sum (32 hex digits), got {value!r}")
     if path == "data.random_flip" and value is not None and not isinstance(value, bool):
         raise ConfigError(f"data.random_flip must be true, false or null (the dataset's convention), got {value!r}")
+    value = _check_type_of(path, value, default)
+    _check_range(path, value)
+    return value
+
+
+def _check_type_of(path: str, value, default):
+    if default is None and path in RANGES and isinstance(value, str):  # an optional number, e.g. "1e-4"
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if default is None or value is None or path == "sfd.override":  # a class, name, mode or mapping:
         return value                                                   # ForgetSpec.parse checks it
     if isinstance(default, bool):
@@ -330,6 +423,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         _merge(cfg, data, SCHEMA)
     for text in overrides:
         _merge(cfg, parse_override(text), SCHEMA)
+    check_order(cfg)
     return cfg
 
 
