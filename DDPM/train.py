@@ -27,13 +27,17 @@ from sfd_ddpm import config as C  # noqa: E402
 @click.option("--outdir", type=click.Path(file_okay=False), default="runs",
               help="Parent folder; each run gets a numbered sub-folder NNNNN-<config name>.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), metavar="RUN_DIR",
-              help="Continue a run exactly from its newest training-state-*.pt (its config.json is reused; "
-                   "KEY=VALUE overrides such as training.n_iters=... still apply).")
+              help="Continue a run exactly from its newest training-state-*.pt with its config.json. Only "
+                   "training.n_iters=... may change freely; other changed settings need --allow-changed-settings, "
+                   "and method, model.*, diffusion.*, edm.* and the data shape never change.")
+@click.option("--allow-changed-settings", is_flag=True,
+              help="With --resume: continue with the KEY=VALUE settings that differ from the run's; config.json "
+                   "lists each change under `changes` with the iteration it took effect.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="auto = CUDA when available.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without training.")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and meaning, then exit.")
-def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys):
+def main(config_path, overrides, outdir, resume_dir, allow_changed_settings, device, dry_run, list_keys):
     """Train with the method named by the config's `method` key: pretrain, sid, sfd, or a baseline
     (retrain, sa, salun, esd, vdu).
 
@@ -47,13 +51,16 @@ def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys)
         click.echo("\n".join(C.describe()))
         return
     try:
+        changes = None
         if resume_dir:
-            base = C.load_config(None)
-            C._merge(base, json.loads((Path(resume_dir) / "config.json").read_text()), C.SCHEMA)
-            for text in overrides:
-                C._merge(base, C.parse_override(text), C.SCHEMA)
-            cfg = base
+            if config_path:
+                raise click.UsageError("--resume uses the run's own config.json: drop --config")
+            cfg, earlier, changed = C.resume_config(read_run_config(resume_dir), overrides)
+            C.check_resume_changes(changed, allow_changed_settings)
+            changes = (earlier, changed)
         else:
+            if allow_changed_settings:
+                raise click.UsageError("--allow-changed-settings goes with --resume RUN_DIR")
             if not config_path:
                 raise click.UsageError("give --config YAML (or --resume RUN_DIR)")
             cfg = C.load_config(config_path, overrides)
@@ -62,7 +69,20 @@ def main(config_path, overrides, outdir, resume_dir, device, dry_run, list_keys)
     if dry_run:
         click.echo(C.to_json(cfg))
         return
-    run(cfg, config_path, outdir, resume_dir, device)
+    run(cfg, config_path, outdir, resume_dir, device, changes)
+
+
+def read_run_config(run_dir) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except OSError as err:
+        raise C.ConfigError(f"--resume {run_dir}: cannot read {path} ({err.strerror or err}); is it a run folder?")
+    except json.JSONDecodeError as err:
+        raise C.ConfigError(f"--resume {run_dir}: {path} is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise C.ConfigError(f"--resume {run_dir}: {path} does not hold a config mapping")
+    return cfg
 
 
 def check_outdir(outdir) -> None:
@@ -176,7 +196,7 @@ def _names_given(cfg) -> bool:
     return any(_names_given_in(cfg[s][k]) for s, k in CLASS_KEYS)
 
 
-def run(cfg, config_path, outdir, resume_dir, device):
+def run(cfg, config_path, outdir, resume_dir, device, changes=None):
     from sfd_ddpm import distributed, run_guard
     from sfd_ddpm.checkpoints import CheckpointError
     from sfd_ddpm.methods import get_method
@@ -188,7 +208,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
     if not resume_dir:
         check_outdir(outdir)
     try:
-        cfg = prepare_data(cfg, json.loads((Path(resume_dir) / "config.json").read_text()) if resume_dir else None)
+        cfg = prepare_data(cfg, read_run_config(resume_dir) if resume_dir else None)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     dist = distributed.init(None if device == "auto" else device)
@@ -205,7 +225,7 @@ def run(cfg, config_path, outdir, resume_dir, device):
             dist.print0(f"run directory: {run_dir}")
         if dist.is_main:
             run_guard.remove_stale_temporaries(run_dir)  # left by a killed write
-        train(method, method.cfg, run_dir, dist, resume=bool(resume_dir))  # with the architecture it adopted
+        train(method, method.cfg, run_dir, dist, resume=bool(resume_dir), changes=changes)  # with the architecture it adopted
     except Preempted as stop:  # SIGTERM/SIGUSR1: the state is saved; the job scheduler may requeue us
         if dist.is_main:
             click.echo(f"preempted: {stop}", err=True)

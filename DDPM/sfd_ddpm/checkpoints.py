@@ -95,6 +95,19 @@ def check_finite(tensors: dict, source) -> None:
                                   f"checkpoint is unusable, use an earlier snapshot")
 
 
+def non_finite_tensor(tree, where: str = "") -> str | None:
+    """The name of the first floating-point tensor in nested dicts/lists/tuples that holds NaN or inf
+    (a training state: networks, EMA, optimizer moments); None when every one is finite."""
+    if isinstance(tree, torch.Tensor):
+        return where if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def load_into(module: torch.nn.Module, state: dict, source: str) -> None:
     """Strict load with a message that says which architecture setting differs."""
     try:

@@ -444,6 +444,57 @@ def with_architecture(cfg: dict, arch: dict) -> dict:
     return out
 
 
+# Settings a resume can never change: the network, its noise process, the data shape and classes it was
+# built for, and the method (a method starting from a checkpoint adopts the first three from it, so a new
+# value could not even take effect).
+FIXED_ON_RESUME = ("method", *(f"{s}." for s in ARCHITECTURE_SECTIONS),
+                   *(f"data.{k}" for k in (*ARCHITECTURE_DATA_KEYS, "class_names")))
+# Settings a resume may change without --allow-changed-settings (recorded all the same): the run's length.
+FREE_ON_RESUME = ("training.n_iters",)
+
+
+def leaves(cfg: dict, schema: dict = SCHEMA, where: str = "") -> dict:
+    """{"section.key": value} for every schema key of ``cfg``."""
+    out = {}
+    for key, node in schema.items():
+        if _is_leaf(node):
+            out[f"{where}{key}"] = cfg[key]
+        else:
+            out.update(leaves(cfg[key], node, f"{where}{key}."))
+    return out
+
+
+def resume_config(saved: dict, overrides=()) -> tuple[dict, list, dict]:
+    """A resumed run's config: its config.json <- overrides. Returns (config, the changes recorded by
+    earlier resumes, {key: (old, new)} for the settings the overrides change now)."""
+    saved = dict(saved)
+    earlier = saved.pop("changes", [])
+    old = defaults()
+    _merge(old, saved, SCHEMA)
+    new = copy.deepcopy(old)
+    for text in overrides:
+        _merge(new, parse_override(text), SCHEMA)
+    check_order(new)
+    before, after = leaves(old), leaves(new)
+    return new, earlier, {k: (before[k], v) for k, v in after.items() if v != before[k]}
+
+
+def check_resume_changes(changed: dict, allowed: bool) -> None:
+    """Refuse what a resume cannot or may not change: FIXED_ON_RESUME always, any other setting except
+    FREE_ON_RESUME unless ``allowed`` (--allow-changed-settings)."""
+    def listed(keys):
+        return "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys)
+
+    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError(f"--resume cannot change {listed(fixed)}: the run's network was built with them; "
+                          "start a new run for different ones")
+    other = [k for k in changed if k not in FREE_ON_RESUME]
+    if other and not allowed:
+        raise ConfigError(f"--resume with changed settings ({listed(other)}); pass the run's settings again, or "
+                          "--allow-changed-settings to continue with these (config.json records each change)")
+
+
 def describe(schema: dict = SCHEMA, where: str = "") -> list[str]:
     """One line per key: name, default and meaning (for --list-keys)."""
     lines = []

@@ -29,6 +29,19 @@ def latest_state(run_dir) -> Path:
     return states[-1] if states else Path(run_dir) / LEGACY_STATE
 
 
+def newest_finite_state(run_dir) -> Path | None:
+    """The newest training state that loads and whose tensors are all finite (None: there is none)."""
+    from .checkpoints import CheckpointError, load_state, non_finite_tensor
+
+    for path in reversed(training_states(run_dir) or [Path(run_dir) / LEGACY_STATE]):
+        try:
+            if path.is_file() and non_finite_tensor(load_state(path)["method"]) is None:
+                return path
+        except (CheckpointError, KeyError, TypeError):
+            continue  # damaged: look further back
+    return None
+
+
 def rotate_states(run_dir, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` numbered states (keep <= 0: none); returns the deleted paths."""
     if keep <= 0:

@@ -89,15 +89,44 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = False) -> dict:
-    """Run ``method`` from its current state to ``training.n_iters``; returns the last log record."""
+def last_good(run_dir) -> str:
+    """Where a run whose weights went non-finite can continue from: the newest finite training state."""
+    if run_dir is None:  # a rank other than 0 of a new run: rank 0 names the state
+        return "the run's finite training states are kept"
+    good = rotation.newest_finite_state(run_dir)
+    if good is None:
+        return f"no training state in {run_dir} holds finite weights: start a new run with settings that keep it finite"
+    states = rotation.training_states(run_dir)
+    later = [p.name for p in states[states.index(good) + 1:]] if good in states else []
+    move = f"move {', '.join(later)} out of {run_dir}, then " if later else ""
+    return (f"the newest training state with finite weights is {good}: {move}continue with `train.py --resume "
+            f"{run_dir} --allow-changed-settings KEY=VALUE` (e.g. a lower learning rate)")
+
+
+def changes_record(changes, start: int) -> list[dict]:
+    """config.json's ``changes``: earlier resumes' entries, then {iteration, key, old, new} for this one."""
+    earlier, changed = changes or ([], {})
+    return [*earlier, *({"iteration": start, "key": k, "old": a, "new": b} for k, (a, b) in changed.items())]
+
+
+def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = False, changes=None) -> dict:
+    """Run ``method`` from its current state to ``training.n_iters``; returns the last log record.
+    ``changes``: on resume, (the changes config.json recorded before, {key: (old, new)} of this resume)."""
     tr = cfg["training"]
     n_iters = tr["n_iters"]
     start = 0
     if resume:
-        state = checkpoints.load_state(rotation.latest_state(run_dir))
-        method.load_state_dict(state["method"])
+        path = rotation.latest_state(run_dir)
+        state = checkpoints.load_state(path)
+        bad = checkpoints.non_finite_tensor(state.get("method"))
+        if bad is not None:  # a resume would only continue from NaN
+            raise checkpoints.CheckpointError(f"{path}: tensor {bad!r} holds non-finite values (NaN or inf); "
+                                              f"{last_good(run_dir)}")
         start = int(state["step"])
+        if n_iters < start:
+            raise ValueError(f"training.n_iters={n_iters} is below iteration {start}, where {path.name} stands; "
+                             f"give training.n_iters >= {start}")
+        method.load_state_dict(state["method"])
         rngs = state["rng"]
         if len(rngs) != dist.world_size:
             raise ValueError(f"the run was saved with {len(rngs)} processes; resume it with the same number "
@@ -112,8 +141,11 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
     method.start(start)
 
     snaps = snapshot_steps(n_iters, tr["snapshot_every"], tr["early_snapshots"])
+    record = changes_record(changes, start)
+    if record:  # config.json holds the settings in effect; `changes` leads back to the original ones
+        cfg = {**cfg, "changes": record}
     if dist.is_main and run_dir is not None:
-        (run_dir / "config.json").write_text(to_json(cfg))
+        checkpoints.atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(to_json(cfg)))
     bar = tqdm(total=n_iters, initial=start, disable=not dist.is_main, desc=cfg["method"], unit="it",
                dynamic_ncols=True)
     record, t_last, step_last = {}, time.perf_counter(), start
@@ -123,8 +155,8 @@ def train(method, cfg: dict, run_dir: Path | None, dist: Dist, resume: bool = Fa
             losses = method.train_step(step)
             for term, value in losses.items():
                 if not math.isfinite(value):
-                    raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped and "
-                                        f"the last good checkpoint in {run_dir} is kept")
+                    raise NonFiniteLoss(f"non-finite loss at iteration {step}: {term} = {value}; the run stopped; "
+                                        f"{last_good(run_dir)}")
             done = step + 1
             if done % tr["log_every"] == 0 or done == n_iters:
                 now = time.perf_counter()
@@ -170,9 +202,13 @@ def _snapshot(method, cfg, run_dir, dist, done: int) -> None:
 
 def _save_state(method, run_dir, dist, done: int, keep: int) -> None:
     rngs = _gather(dist, _rng_state())
+    state = method.state_dict()
+    bad = checkpoints.non_finite_tensor(state)  # on every rank (the same weights): all of them stop together
+    if bad is not None:  # never written: it would rotate a finite state away
+        raise NonFiniteLoss(f"tensor {bad!r} became non-finite (NaN or inf) by iteration {done}; its state was "
+                            f"not saved; {last_good(run_dir)}")
     if dist.is_main and run_dir is not None:
-        checkpoints.save_state(rotation.state_path(run_dir, done),
-                               {"step": done, "rng": rngs, "method": method.state_dict()})
+        checkpoints.save_state(rotation.state_path(run_dir, done), {"step": done, "rng": rngs, "method": state})
         rotation.rotate_states(run_dir, keep)  # only after the new state is complete
     dist.barrier()
 
