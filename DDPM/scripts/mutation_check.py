@@ -96,10 +96,27 @@ MUTANTS = [
      "training state loads pickles"),
     ("sfd_ddpm/checkpoints.py", "module.load_state_dict(state, strict=True)", "module.load_state_dict(state, strict=False)",
      "non-strict load"),
+    # settings and resume (tests/test_settings.py)
+    ("sfd_ddpm/config.py", "    _check_range(path, value)\n", "", "no range check (training.ema=1.5 runs)"),
+    ("sfd_ddpm/config.py", "        if not rng.holds(x):", "        if False:", "range check never refuses"),
+    ("sfd_ddpm/config.py", "(x > self.low if self.low_open else x >= self.low)", "x >= self.low",
+     "open lower ends (lr > 0) taken as closed"),
+    ("sfd_ddpm/config.py", "    check_order(cfg)\n    return cfg", "    return cfg", "swapped t range accepted"),
+    ("sfd_ddpm/config.py", "    if other and not allowed:", "    if False:", "resume takes changed settings silently"),
+    ("sfd_ddpm/config.py", "    if fixed:\n", "    if fixed and not allowed:\n",
+     "--allow-changed-settings changes the network on resume"),
+    ("sfd_ddpm/training.py", '        cfg = {**cfg, "changes": record}', "        pass", "accepted change not recorded"),
+    ("sfd_ddpm/training.py", "        if n_iters < start:", "        if False:", "resume below the saved iteration"),
+    ("sfd_ddpm/training.py", "        if bad is not None:  # a resume would only continue from NaN",
+     "        if False:", "resume from a non-finite state"),
+    ("sfd_ddpm/rotation.py", "non_finite_tensor(load_state(path)[\"method\"]) is None", "True",
+     "newest state named as the last finite one"),
+    ("sfd_ddpm/training.py", "    if bad is not None:  # never written", "    if False:",
+     "a non-finite state is saved and rotates the finite one away"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
-                 "tests/test_faults.py"]
+                 "tests/test_faults.py", "tests/test_settings.py"]
 FAST = "not subprocess and not slow"   # no entry scripts in subprocesses
 
 
