@@ -111,8 +111,10 @@ MUTANTS = [
      "        if False:", "resume from a non-finite state"),
     ("sfd_ddpm/rotation.py", "non_finite_tensor(load_state(path)[\"method\"]) is None", "True",
      "newest state named as the last finite one"),
-    ("sfd_ddpm/training.py", "    if bad is not None:  # never written", "    if False:",
-     "a non-finite state is saved and rotates the finite one away"),
+    ("sfd_ddpm/training.py", "    state = method.state_dict()\n    _refuse_non_finite(state, run_dir, done)",
+     "    state = method.state_dict()", "a non-finite state is saved and rotates the finite one away"),
+    ("sfd_ddpm/training.py", "    weights = method.weights()\n    _refuse_non_finite(weights, run_dir, done)",
+     "    weights = method.weights()", "a non-finite snapshot is saved"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",

@@ -190,10 +190,21 @@ def _stop(method, cfg, run_dir, dist, done: int, stop: StopSignal, bar) -> None:
                     done)
 
 
+def _refuse_non_finite(tensors, run_dir, done: int) -> None:
+    """Stop before writing weights or a state that hold NaN or inf (checked on every rank, which hold the
+    same weights, so all of them stop together): a NaN snapshot would pass for a finished result, a NaN
+    state would rotate a finite one away."""
+    bad = checkpoints.non_finite_tensor(tensors)
+    if bad is not None:
+        raise NonFiniteLoss(f"tensor {bad!r} became non-finite (NaN or inf) by iteration {done}; nothing of that "
+                            f"iteration was saved; {last_good(run_dir)}")
+
+
 def _snapshot(method, cfg, run_dir, dist, done: int) -> None:
+    weights = method.weights()
+    _refuse_non_finite(weights, run_dir, done)
     if dist.is_main and run_dir is not None:
-        checkpoints.save_weights(run_dir / f"network-{done:07d}.safetensors", method.weights(), cfg, done,
-                                 method.kind)
+        checkpoints.save_weights(run_dir / f"network-{done:07d}.safetensors", weights, cfg, done, method.kind)
         for name, (images, nrow) in method.sample_grids().items():
             from .images import save_grid
             save_grid(images, nrow, run_dir / f"{name}-{done:07d}.png", scale=max(1, 64 // images.shape[-1]))
@@ -203,10 +214,7 @@ def _snapshot(method, cfg, run_dir, dist, done: int) -> None:
 def _save_state(method, run_dir, dist, done: int, keep: int) -> None:
     rngs = _gather(dist, _rng_state())
     state = method.state_dict()
-    bad = checkpoints.non_finite_tensor(state)  # on every rank (the same weights): all of them stop together
-    if bad is not None:  # never written: it would rotate a finite state away
-        raise NonFiniteLoss(f"tensor {bad!r} became non-finite (NaN or inf) by iteration {done}; its state was "
-                            f"not saved; {last_good(run_dir)}")
+    _refuse_non_finite(state, run_dir, done)
     if dist.is_main and run_dir is not None:
         checkpoints.save_state(rotation.state_path(run_dir, done), {"step": done, "rng": rngs, "method": state})
         rotation.rotate_states(run_dir, keep)  # only after the new state is complete

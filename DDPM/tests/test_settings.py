@@ -196,9 +196,10 @@ def test_resume_when_no_state_is_finite_says_so(run):
     one_line_error(invoke("--resume", run, "training.n_iters=3"), f"no training state in {run} holds finite weights")
 
 
-def test_non_finite_weights_are_never_saved_over_the_last_finite_state(tmp_path, monkeypatch):
-    """Weights that turn NaN in iteration 3 (of 4; a state after each, one kept): its state is not written,
-    so the finite state of iteration 2 is not rotated away, and the message names it."""
+@pytest.mark.parametrize("snapshot_every", [100, 3], ids=["state", "snapshot-and-state"])
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, snapshot_every):
+    """Weights that turn NaN in iteration 3 (of 4; a state after each, one kept): neither its state nor its
+    snapshot is written, so the finite state of iteration 2 is not rotated away, and the message names it."""
     real = training.train
 
     def train(method, *args, **kwargs):
@@ -215,8 +216,9 @@ def test_non_finite_weights_are_never_saved_over_the_last_finite_state(tmp_path,
 
     monkeypatch.setattr(training, "train", train)
     res = invoke("--config", "configs/builtin_train.yaml", "--outdir", tmp_path, *TINY, "training.n_iters=4",
-                 "training.state_every=1", "training.keep_states=1", "training.snapshot_every=100")
+                 "training.state_every=1", "training.keep_states=1", f"training.snapshot_every={snapshot_every}")
     (run,) = tmp_path.iterdir()
-    one_line_error(res, "became non-finite (NaN or inf) by iteration 3", "not saved",
+    one_line_error(res, "became non-finite (NaN or inf) by iteration 3", "nothing of that iteration was saved",
                    f"finite weights is {run / 'training-state-0000002.pt'}")
     assert sorted(p.name for p in run.glob("training-state-*")) == ["training-state-0000002.pt"]
+    assert not list(run.glob("network-*")) and not list(run.glob(".*.tmp"))
