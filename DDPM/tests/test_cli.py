@@ -181,7 +181,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, t
     proc = run_script("train.py", "--config", "configs/builtin_sfd.yaml", "--outdir", out, *TINY,
                       f"sfd.init={tiny_teacher}", "training.n_iters=6", "training.state_every=1",
                       "sfd.lr_theta=1e38", "sfd.grad_clip_value=0", check=False)
-    assert proc.returncode != 0 and "non-finite loss at iteration" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     run = only_run(out)
-    state = torch.load(sorted(run.glob("training-state-*.pt"))[-1], weights_only=True)
-    assert 1 <= state["step"] < 6  # the last good state is kept, not overwritten by the bad step
+    from sfd_ddpm.checkpoints import non_finite_tensor
+    states = sorted(run.glob("training-state-*.pt"))
+    assert all(non_finite_tensor(torch.load(p, weights_only=True)["method"]) is None for p in states)  # no NaN saved
+    named = f"finite weights is {states[-1]}" if states else f"no training state in {run} holds finite weights"
+    assert named in proc.stderr, proc.stderr  # the newest finite state, or that there is none
