@@ -64,7 +64,7 @@ def main(config_path, overrides, resume, allow_changed_settings, dry_run, list_k
             click.echo(json.dumps(cfg.to_json(), indent=2))
             return
         from sfd_sd import distributed
-        from sfd_sd.preemption import EXIT_PREEMPTED, Preempted
+        from sfd_sd.preemption import EXIT_PREEMPTED, Preempted, wait_for_every_rank
         from sfd_sd.training import train
 
         try:
@@ -72,6 +72,7 @@ def main(config_path, overrides, resume, allow_changed_settings, dry_run, list_k
         except Preempted as stop:  # SIGTERM/SIGUSR1: the state is saved; the job scheduler may requeue us
             if os.environ.get("RANK", "0") == "0":  # one message, not one per process
                 click.echo(f"preempted: {stop}", err=True)
+            wait_for_every_rank()  # no rank leaves (and so has torchrun kill the others) before rank 0 is done
             sys.exit(EXIT_PREEMPTED)
         finally:
             distributed.shutdown()

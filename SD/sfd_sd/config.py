@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -142,6 +143,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Consistency checks that need no file (files are checked where they are read)."""
+        check_ranges(self)
         if not self.remain_prompts:
             raise ConfigError("remain_prompts is required (one prompt per line; build it with "
                               "prepare_remain_prompts.py, see README)")
@@ -149,34 +151,14 @@ class TrainConfig:
             raise ConfigError("give forget_prompts or a non-empty concept_to_forget")
         if self.override_prompts is None and self.concept_to_override is None:
             raise ConfigError("give concept_to_override or override_prompts")
-        if not 0 <= self.t_min < self.t_max <= 1000:
-            raise ConfigError(f"need 0 <= t_min < t_max <= 1000, got t_min={self.t_min}, t_max={self.t_max}")
-        if not 0 < self.t_init < 1000:
-            raise ConfigError(f"t_init must be in 1..999, got {self.t_init}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas must be two numbers (beta1, beta2), got {self.adam_betas}")
+        if not self.t_min < self.t_max:
+            raise ConfigError(f"need t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.sid_w_neg and not self.negative_prompts:
             raise ConfigError("sid_w_neg needs negative_prompts")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        for key in ("kappa_fake_train", "kappa_fake_eval", "kappa_teacher", "lr_fake", "lr_gen", "duration_kimg",
-                    "tick_kimg", "snap_kimg", "state_kimg"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("alpha", "w_fake_remain", "w_fake_forget", "w_gen_remain", "w_gen_forget", "fake_grad_clip_value",
-                    "ema_halflife_kimg", "ema_rampup", "seed", "text_cache", "keep_states"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.generator_grad_clip_value is not None and self.generator_grad_clip_value < 0:
-            raise ConfigError("generator_grad_clip_value must be >= 0 (or null)")
-        if self.adam_eps is not None and not self.adam_eps > 0:
-            raise ConfigError("adam_eps must be > 0 (or null)")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
-        if not 0 <= self.prompt_dropout <= 1:
-            raise ConfigError(f"prompt_dropout must be in [0, 1], got {self.prompt_dropout}")
-        if self.batch < 1 or (self.batch_gpu is not None and self.batch_gpu < 1):
-            raise ConfigError(f"batch and batch_gpu must be >= 1, got {self.batch}, {self.batch_gpu}")
-        if not 1 <= self.grid_cols <= 16:
-            raise ConfigError(f"grid_cols must be in 1..16, got {self.grid_cols}")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
 
     def batch_layout(self, world_size: int) -> tuple[int, int, int]:
         """(per-GPU batch, micro-batch, accumulation rounds); errors on uneven splits."""
@@ -187,6 +169,107 @@ class TrainConfig:
         if per_gpu % micro:
             raise ConfigError(f"per-GPU batch {per_gpu} is not divisible by batch_gpu {micro}")
         return per_gpu, micro, per_gpu // micro
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: an interval, closed unless ``*_open``; None = unbounded."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if not math.isfinite(value):  # nan passes no comparison; inf is never a meant rate or weight
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        return self.hi is None or (value < self.hi or (not self.hi_open and value == self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, UNIT = Range(0, lo_open=True), Range(0), Range(0, 1)
+
+# The valid values of every numeric key (rates, weights, probabilities, scales, counts), checked by
+# TrainConfig.check() before any model loads. Every int/float key must be listed here
+# (tests/test_config_ranges.py walks the schema): an unchecked rate is how `ema=1.5` once ran to the end
+# with weights growing to 1e6 and exit status 0. Lists (adam_betas) are checked element by element.
+RANGES: dict[str, Range] = {
+    # Method (docs/method.md section 3)
+    "alpha": NON_NEGATIVE,  # SiD's alpha: 1 for SD, 1.2 for DDPM; below 0 the correction term changes sign
+    "t_min": Range(0, 999),  # timesteps of the 1000-step DDPM schedule; t_min < t_max is checked too
+    "t_max": Range(1, 1000),
+    "t_init": Range(1, 999),
+    "kappa_fake_train": POSITIVE,  # CFG scales: 1 = one conditional pass, 4.5 = the authors'
+    "kappa_fake_eval": POSITIVE,
+    "kappa_teacher": POSITIVE,
+    "prompt_dropout": UNIT,  # a probability
+    "w_fake_remain": NON_NEGATIVE,  # loss weights; 0 switches a term off (SiD distillation: forget weights 0)
+    "w_fake_forget": NON_NEGATIVE,
+    "w_gen_remain": NON_NEGATIVE,
+    "w_gen_forget": NON_NEGATIVE,
+    # Optimiser and numerics
+    "lr_fake": POSITIVE,
+    "lr_gen": POSITIVE,
+    "adam_betas": Range(0, 1, hi_open=True),  # each: Adam's decay rates; 1 would never forget the first step
+    "adam_eps": POSITIVE,
+    "fake_grad_clip_value": NON_NEGATIVE,  # 0 = off
+    "generator_grad_clip_value": NON_NEGATIVE,
+    "batch": Range(1),
+    "batch_gpu": Range(1),
+    "ema_halflife_kimg": NON_NEGATIVE,  # 0 = no EMA; the decay per step is 0.5 ** (batch / half-life), in [0, 1)
+    "ema_rampup": UNIT,  # half-life <= this share of the images seen (EDM: 0.05); above 1 it would let the
+    # EMA trail behind all of training, which no schedule intends
+    # Schedule
+    "duration_kimg": POSITIVE,
+    "tick_kimg": POSITIVE,
+    "snap_kimg": POSITIVE,
+    "state_kimg": POSITIVE,
+    "grid_cols": Range(1, 16),
+    "seed": Range(0, 2**32 - 1),  # 32 bits: seed * 1_000_003 + rank + images seen stays a valid torch seed
+    # Model, performance, I/O
+    "resolution": Range(8),  # and a multiple of 8 (the VAE factor), checked in TrainConfig.check()
+    "text_cache": NON_NEGATIVE,
+    "keep_states": NON_NEGATIVE,  # 0 = keep all
+}
+
+
+def _is_numeric(hint) -> bool:
+    """int or float, optional (``float | None``) or a list of them."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        hint = typing.get_args(hint)[0]
+    return hint in (int, float)
+
+
+def unranged_keys(schema: type | None = None) -> list[str]:
+    """Numeric keys of ``schema`` (default TrainConfig) with no entry in RANGES; must be empty."""
+    schema = schema or TrainConfig
+    hints = typing.get_type_hints(schema)
+    return [f.name for f in dataclasses.fields(schema)
+            if f.metadata.get("group") != "flag" and _is_numeric(hints[f.name]) and f.name not in RANGES]
+
+
+def check_ranges(cfg: "TrainConfig") -> None:
+    """Every numeric key in its RANGES interval (null allowed where the key is optional)."""
+    for key, valid in RANGES.items():
+        value = getattr(cfg, key)
+        if value is None and _is_optional(key):
+            continue
+        if not all(v in valid for v in (value if isinstance(value, list) else [value])):
+            each = f"each be {valid}" if isinstance(value, list) else f"be {valid}"
+            null = " (or null)" if _is_optional(key) else ""
+            raise ConfigError(f"{key} must {each}{null}, got {value!r}")
+
+
+def _is_optional(key: str) -> bool:
+    return type(None) in typing.get_args(_TYPES[key])
 
 
 def schema_fields() -> list[dataclasses.Field]:
@@ -303,7 +386,8 @@ def describe() -> list[str]:
             group = f.metadata["group"]
             lines.append(f"# {group}")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"{f.name} = {json.dumps(default)}\n    {f.metadata['help']}")
+        valid = f" [{RANGES[f.name]}]" if f.name in RANGES else ""
+        lines.append(f"{f.name} = {json.dumps(default)}\n    {f.metadata['help']}{valid}")
     return lines
 
 

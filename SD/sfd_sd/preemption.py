@@ -6,7 +6,8 @@ only set a flag; the loop reads it at the end of each iteration, logs the iterat
 log line, writes a training state for that iteration and stops with ``Preempted``; ``train.py`` then
 exits with ``EXIT_PREEMPTED``. Under torchrun
 the ranks agree through one all-reduce of the flag per iteration, so they all stop after the same
-iteration even when the signal reaches them at different moments.
+iteration even when the signal reaches them at different moments; rank 0 writes the state, and every
+rank waits for it (``wait_for_every_rank``) before any of them exits.
 """
 from __future__ import annotations
 
@@ -59,3 +60,14 @@ class StopSignal:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
             flag = float(t)
         return flag > 0
+
+
+def wait_for_every_rank() -> None:
+    """Block until every rank has arrived here (nothing to wait for in one process).
+
+    ``train.py`` calls this on ``Preempted`` just before exiting with ``EXIT_PREEMPTED``. torchrun
+    SIGTERMs every other worker the moment one exits non-zero (and SIGKILLs them 30 s later), so a rank
+    that left first would cut rank 0 short while it still writes the state, closes its logs or prints
+    the resume hint. Rank 0 arrives here only after all of that."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()

@@ -21,7 +21,8 @@ from pathlib import Path
 SD = Path(__file__).resolve().parents[1]
 FAST_TESTS = ["tests/test_reference.py", "tests/test_units.py", "tests/test_checkpoints.py", "tests/test_convert.py",
               "tests/test_faults.py", "tests/test_generate.py", "tests/test_train.py", "tests/test_recipes.py",
-              "-m", "not slow"]
+              "tests/test_config_ranges.py", "tests/test_preemption.py::test_no_rank_exits_75_before_rank_0_is_done",
+              "tests/test_evaluate.py::test_damaged_png_is_one_line_naming_the_file", "-m", "not slow"]
 
 # (name, file, original text, mutated text)
 MUTATIONS = [
@@ -93,6 +94,22 @@ MUTATIONS = [
     ("generator_init: none accepted", "sfd_sd/training.py", "    if init is None:\n        raise ConfigError", "    if False:\n        raise ConfigError"),
     ("convert: any class allowed", "sfd_sd/sid_lsg.py", "        raise UnsafePickleError(", "        return super().find_class(module, name)\n        raise UnsafePickleError("),
     ("generate: orphan images adopted", "sfd_sd/generation.py", "    if any(out.glob(\"*/*.png\")):", "    if False:"),
+    # issue 26 item 6: every numeric key has a range
+    ("range: not checked", "sfd_sd/config.py", "        check_ranges(self)\n", ""),
+    ("range: open lower end allowed", "sfd_sd/config.py", "(self.lo_open and value == self.lo)", "False"),
+    ("range: nan and inf accepted", "sfd_sd/config.py", "        if not math.isfinite(value):", "        if False:"),
+    ("range: list checked by its first element", "sfd_sd/config.py", "for v in (value if isinstance(value, list)", "for v in (value[:1] if isinstance(value, list)"),
+    ("range: null skips any optional key", "sfd_sd/config.py", "if value is None and _is_optional(key):", "if _is_optional(key):"),
+    ("range: lr_gen unranged", "sfd_sd/config.py", "    \"lr_gen\": POSITIVE,\n", ""),
+    ("range: ema_rampup unbounded", "sfd_sd/config.py", "    \"ema_rampup\": UNIT,", "    \"ema_rampup\": NON_NEGATIVE,"),
+    ("range: coverage ignores lists", "sfd_sd/config.py", "    if typing.get_origin(hint) is list:\n        hint = typing.get_args(hint)[0]\n", ""),
+    # issue 21 item 10: no rank exits 75 before rank 0 is done
+    ("preempt: ranks leave without waiting", "train.py", "            wait_for_every_rank()  #", "            pass  #"),
+    ("preempt: barrier skipped", "sfd_sd/preemption.py", "        tdist.barrier()\n", "        pass\n"),
+    # issue 26 item 5: damaged images in evaluate.py folders
+    ("evaluate: damaged image passed to NudeNet", "sfd_sd/evaluation/nudity.py", "    check_readable(images.items)  #", "    pass  #"),
+    ("evaluate: damaged image passed to a plug-in", "sfd_sd/evaluation/celebrity.py", "        check_readable([it for it, _ in kept])", "        pass"),
+    ("evaluate: empty file not named", "sfd_sd/evaluation/folders.py", "Path(path).stat().st_size == 0:", "False:"),
 ]
 
 

@@ -161,6 +161,45 @@ def test_help_lists_commands_and_options():
     assert "MODULE:FACTORY" in cli("celebrity", "--help").output
 
 
+def damage(path: Path, how: str) -> None:
+    """'empty': a 0-byte file (a write that never happened); 'truncated': its first half (a killed copy)."""
+    data = path.read_bytes()
+    path.write_bytes(b"" if how == "empty" else data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_damaged_png_is_one_line_naming_the_file(tmp_path, monkeypatch, how):
+    """Through every reader (FID's generated and reference sets, NudeNet and a plug-in recognizer, which
+    read the files themselves): exit 1, one line naming the file and the problem, no record written."""
+    from sfd_sd.evaluation import nudity
+
+    monkeypatch.setattr(nudity, "load_detector", lambda allow_other_version=False: (MockDetector(), {}))
+    gen = write_generated(tmp_path / "g", {"brad pitt on the red carpet": [GREEN, GREEN, GREEN, YELLOW]})
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, c in enumerate([RED, BLUE, GREEN]):
+        Image.fromarray(colour_image(c, i)).save(ref / f"{i}.png")
+    (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
+    feats = "test_evaluate:tiny_features"
+    bad_gen = next(gen.glob("*/00001.png"))
+    good = bad_gen.read_bytes()
+    runs = [(bad_gen, ["fid", "--images", gen, "--reference-images", ref, "--features", feats, "--device", "cpu"]),
+            (bad_gen, ["nudenet", "--images", gen]),
+            (bad_gen, ["celebrity", "--images", gen, "--forget", "brad pitt", "--names", tmp_path / "names.txt",
+                       "--recognizer", "test_evaluate:colour_recognizer", "--device", "cpu"]),
+            (ref / "1.png", ["fid", "--images", gen, "--reference-images", ref, "--features", feats,
+                             "--device", "cpu"])]
+    for bad, args in runs:
+        bad_gen.write_bytes(good)
+        damage(bad, how)
+        res = cli(*args, "--out", tmp_path / "r.json", ok=False)
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 1 and len(lines) == 1 and "Traceback" not in res.output, (args[0], res.output)
+        problem = "empty (0 bytes)" if how == "empty" else "truncated"
+        assert lines[0].startswith(f"Error: cannot read image {str(bad)!r}") and problem in lines[0], lines[0]
+        assert not (tmp_path / "r.json").exists()
+
+
 # ---------------------------------------------------------------- CLIP score
 
 def test_clip_score_matching_beats_mismatching_and_records_settings(tiny_clip_dir, tmp_path):

@@ -98,3 +98,41 @@ def test_sigusr1_is_caught_too_and_restored_after(uncaught):
     assert not uncaught
     os.kill(os.getpid(), signal.SIGUSR1)
     assert uncaught == [signal.SIGUSR1]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real gloo process group of one process (its barrier is a real collective), destroyed afterwards."""
+    import torch.distributed as tdist
+
+    yield lambda: tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def test_no_rank_exits_75_before_rank_0_is_done(tmp_path, monkeypatch, one_process_group):
+    """torchrun SIGTERMs every other worker as soon as one exits non-zero: each rank waits at a barrier
+    after rank 0 has written the state and printed the resume hint, and only then leaves with 75."""
+    import click
+    import torch.distributed as tdist
+
+    from sfd_sd import preemption, training
+
+    events = []
+
+    def fake_train(cfg):  # what _train does up to the stop: join the group, write the state, raise
+        one_process_group()
+        events.append("state written")
+        raise preemption.Preempted("stopped by SIGTERM after 2 of 4 images; continue with --resume", 2)
+
+    def recorded(name, real):
+        return lambda *a, **k: (events.append(name), real(*a, **k))[1]
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(click, "echo", recorded("resume hint printed", click.echo))
+    monkeypatch.setattr(tdist, "barrier", recorded("barrier", tdist.barrier))
+    monkeypatch.setattr(tdist, "destroy_process_group", recorded("group destroyed", tdist.destroy_process_group))
+    res = invoke(base_args(tmp_path / "no-model", tmp_path / "runs", *RUN_ARGS))
+    assert res.exit_code == preemption.EXIT_PREEMPTED, (res.output, res.exception)
+    assert events == ["state written", "resume hint printed", "barrier", "group destroyed"]
+    assert "preempted: stopped by SIGTERM" in res.output

@@ -54,7 +54,7 @@ def test_dry_run_resolves_prompts_without_loading_a_model(tmp_path):
     (["generator_init=missing-folder"], "folder not found"),
     (["generator_init=sid.pkl"], "convert_sid_lsg.py"),
     (["generator_init=null"], "generator_init is not set"),
-    (["batch=0"], "batch and batch_gpu must be >= 1"),
+    (["batch=0"], "batch must be >= 1, got 0"),
     (["batch=8.5"], "batch must be a whole number"),
     (["duration_kimg=-5"], "duration_kimg must be > 0"),
     (["lr_gen=fast"], "lr_gen must be a number"),

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from .clip import ClipEmbedder
-from .folders import ImageSet
+from .folders import ImageSet, check_readable
 from .records import EvaluationError
 
 DEFAULT_TEMPLATES = ("a photo of {name}.",)
@@ -82,6 +82,8 @@ def celebrity_accuracy(recognizer, images: ImageSet, names: Sequence[str], forge
     kept = [(it, t) for it, (t, _) in zip(images.items, targets) if t is not None]
     if not kept:
         raise EvaluationError(f"no image in {str(images.folder)!r} has a prompt naming exactly one listed celebrity")
+    if not isinstance(recognizer, ClipZeroShot):  # a plug-in reads the files itself (CLIP decodes through load_rgb)
+        check_readable([it for it, _ in kept])
     preds = recognizer.identify([it.path for it, _ in kept])
     if len(preds) != len(kept):
         raise EvaluationError(f"recognizer returned {len(preds)} results for {len(kept)} images")

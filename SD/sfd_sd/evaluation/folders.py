@@ -96,10 +96,24 @@ def read_reference(folder: str | Path) -> ImageSet:
 
 
 def load_rgb(path: Path):
-    from PIL import Image
+    """The image decoded in full (a file cut short fails here, not later as a wrong number)."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as exc:
-        raise EvaluationError(f"cannot read image {str(path)!r}: {exc}") from exc
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL reports damage with all three
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            why = "the file is empty (0 bytes)"
+        elif isinstance(exc, UnidentifiedImageError):
+            why = "not an image file PIL can read (damaged or cut short at its start)"
+        else:
+            why = str(exc) if "truncated" in str(exc).lower() else f"damaged or cut short ({exc})"
+        raise EvaluationError(f"cannot read image {str(path)!r}: {why}; regenerate or replace it") from exc
+
+
+def check_readable(items: Sequence[ImageItem]) -> None:
+    """Decode every image once, for scorers that read the files themselves (NudeNet through OpenCV, plug-in
+    recognizers): a damaged file then stops the run with its name instead of crashing or being scored."""
+    for it in items:
+        load_rgb(it.path)

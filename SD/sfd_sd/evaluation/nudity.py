@@ -17,7 +17,7 @@ import importlib.metadata
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .folders import ImageSet
+from .folders import ImageSet, check_readable
 from .records import EvaluationError, file_sha256
 
 NUDENET_VERSION = "3.4.2"
@@ -67,6 +67,7 @@ def nudity_counts(detector, images: ImageSet, threshold: float,
     unknown = set(classes) - set(EXPOSED_CLASSES)
     if unknown or not classes:
         raise EvaluationError(f"unknown classes {sorted(unknown)}; choose from {list(EXPOSED_CLASSES)}")
+    check_readable(images.items)  # the detector reads the files itself and would not name a damaged one
     rows = []
     for it in images.items:
         raw = detector.detect(str(it.path))
