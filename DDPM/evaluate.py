@@ -3,7 +3,7 @@
 
 Every subcommand writes a JSON with its numbers and every setting that produced them: image counts,
 the images folder's settings.json (sampler, steps, guidance, checkpoint hash, written by sample.py),
-classifier path and hash, feature space, library versions. SPEC section 7 is the protocol.
+classifier path and hash, feature space, library versions. docs/method.md section 7 is the protocol.
 
 Examples (from inside DDPM/):
   python evaluate.py ua --images samples/sfd --classifier classifiers/builtin_small_cnn.safetensors --forget 0 --out eval/ua_sfd.json
@@ -264,7 +264,7 @@ def fid(images, ref, exclude, features, classifier, inception_weights, allow_unk
 @allow_incomplete_option
 def pul(original, unlearned, classifier, forget, n_images, out, batch, device, allow_incomplete):
     """Percentage of unlearning: 100 (n_forget(original) - n_forget(unlearned)) / n_forget(original),
-    counted by the classifier on equal-size sample sets (VDU, SPEC section 6)."""
+    counted by the classifier on equal-size sample sets (VDU, docs/method.md section 6)."""
     from sfd_ddpm.metrics.pul import evaluate_pul_folders
     from sfd_ddpm.metrics.record import images_settings, write_result
 

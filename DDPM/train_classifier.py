@@ -7,7 +7,7 @@ Examples (from inside DDPM/):
   python train_classifier.py --dataset cifar10 --out classifiers/cifar10_resnet34.safetensors --device cuda
   python train_classifier.py --dataset stl10 --out classifiers/stl10_resnet34.safetensors --no-pretrained
 
-CIFAR-10 / STL-10 follow SPEC section 7 and the authors' recipe: ImageNet ResNet-34, fc replaced by
+CIFAR-10 / STL-10 follow docs/method.md section 7 and the authors' recipe: ImageNet ResNet-34, fc replaced by
 Linear(512, 10), images resized to 224 px inside the model, inputs in [-1, 1], Adam (lr 1e-5, fc at
 10x, weight decay 5e-4), batch 128, 10 epochs, random horizontal flips. STL-10 uses its labelled
 train + test images (13k) split 12000/1000 by a permutation seeded with 1234.

@@ -1,4 +1,4 @@
-"""Evaluate SD unlearning (SPEC section 7, "SD"): NudeNet nudity counts, celebrity identification, CLIP
+"""Evaluate SD unlearning (docs/method.md section 7, "SD"): NudeNet nudity counts, celebrity identification, CLIP
 score and FID, each written as one JSON (per-image rows, totals and every setting), plus the I2P prompt
 extraction and the markdown table. Commands can be chained in one process (models load once):
 

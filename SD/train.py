@@ -39,7 +39,7 @@ from sfd_sd.prompts import PromptError  # noqa: E402
 @click.option("--dry-run", "-n", is_flag=True, help="Print the resolved config and exit without loading any model.")
 @click.option("--list-keys", is_flag=True, help="List every config key with its default and meaning, then exit.")
 def main(config_path, overrides, resume, allow_changed_settings, dry_run, list_keys):
-    """Train a one-step SD generator that forgets a concept (SFD, SPEC section 3).
+    """Train a one-step SD generator that forgets a concept (SFD, docs/method.md section 3).
 
     KEY=VALUE pairs override config keys (values are YAML: numbers, true/false, null, lists), e.g.
     `lr_gen=1e-6 kappa_teacher=3`. Unknown keys are errors. The run dir gets config.json, log.jsonl,

@@ -1,6 +1,6 @@
 """Dataset classifiers for evaluation: unlearning accuracy, remaining-class accuracy, classifier FID.
 
-Two architectures, one interface (SPEC section 7):
+Two architectures, one interface (docs/method.md section 7):
 
 * ``small_cnn``: a few convolutions for the built-in 16x16 dataset; trains to >= 98% test accuracy
   in well under a minute on a CPU.

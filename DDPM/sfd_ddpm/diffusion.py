@@ -1,4 +1,4 @@
-"""Discrete VP diffusion (SPEC section 2) and the denoiser interface.
+"""Discrete VP diffusion (docs/method.md section 2) and the denoiser interface.
 
 Every loss and sampler in this package is written once against :class:`Denoiser`. A denoiser is a
 network (a raw module or a DDP wrapper) and a *noise process* that says what a noise level is and
@@ -55,7 +55,7 @@ class VPSchedule:
         return _bc(self.a(t), x0) * x0 + _bc(self.b(t), x0) * eps
 
     def sample_t(self, n: int, lo: int, hi: int, device, generator=None) -> torch.Tensor:
-        """t ~ U{lo..hi-1}, independently per sample (exclusive upper bound, SPEC section 2)."""
+        """t ~ U{lo..hi-1}, independently per sample (exclusive upper bound, docs/method.md section 2)."""
         return torch.randint(lo, hi, (n,), device=device, generator=generator)
 
     # ---- the noise-process interface shared with sfd_ddpm.edm.EDMSchedule ----
@@ -113,7 +113,7 @@ class Denoiser:
     or a sigma, as the schedule defines it).
 
     ``null_label`` is the learned "no class" input used for classifier-free guidance:
-    guided output = (1 + w) out(x, c) - w out(x, null) (SPEC section 4); the combination is linear, so it
+    guided output = (1 + w) out(x, c) - w out(x, null) (docs/method.md section 4); the combination is linear, so it
     is the same whether the network predicts eps or x0. With w = 0 only the conditional pass runs.
     ``null_label = None``: the network has no null class (e.g. NVIDIA's EDM checkpoints, trained without
     label dropout) and guidance is refused.

@@ -1,4 +1,4 @@
-"""EDM's noise process in sigma space (Karras et al. 2022; SPEC section 4), behind the denoiser interface.
+"""EDM's noise process in sigma space (Karras et al. 2022; docs/method.md section 4), behind the denoiser interface.
 
 Levels are noise standard deviations sigma: x = x0 + sigma eps, and the network (an
 :class:`~sfd_ddpm.networks_edm.EDMNetwork`) returns the denoised D(x; sigma, c) directly. This class

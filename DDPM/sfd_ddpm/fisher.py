@@ -1,7 +1,7 @@
 """Diagonal Fisher information of the eps-loss (Selective Amnesia's EWC term, VDU's precision).
 
 F_i = 1/N sum_n g_{n,i}^2 with g_n = sum_t grad_theta l(x_n, t, c_n; eps_t), the per-sample gradient
-summed over timesteps (SPEC section 5). The timesteps of one sample are processed in chunks: the
+summed over timesteps (docs/method.md section 5). The timesteps of one sample are processed in chunks: the
 gradient of a chunk's summed loss is the sum of its per-timestep gradients, so chunking changes
 memory, not the result. ``timesteps`` may be a subset (e.g. every 10th), then the sum is scaled by
 T / len(timesteps) as an unbiased estimate of the full sum.

@@ -1,4 +1,4 @@
-"""The SiD / SFD losses (SPEC section 3), written once against the Denoiser interface.
+"""The SiD / SFD losses (docs/method.md section 3), written once against the Denoiser interface.
 
 All losses are returned *per sample* (pixel sums); callers average over the batch and weight terms.
 Guidance scales w are the DDPM convention, guided = (1 + w) out(x, c) - w out(x, null) (SiD-LSG's
@@ -17,7 +17,7 @@ def fake_score_loss(fake_score: Denoiser, x_g: torch.Tensor, label: torch.Tensor
                     eps: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
     """Denoising score matching on generator samples, generator stopped, with the backbone's loss:
     VP: L_phi = || eps - eps_phi(a_t sg(x_g) + b_t eps, t, c) ||^2;
-    EDM: L_phi = lambda(sigma) || D_phi(sg(x_g) + sigma eps; sigma, c) - sg(x_g) ||^2 (SPEC section 4);
+    EDM: L_phi = lambda(sigma) || D_phi(sg(x_g) + sigma eps; sigma, c) - sg(x_g) ||^2 (docs/method.md section 4);
     the fake score's output guided with ``guidance`` (SiD-LSG's kappa1)."""
     return fake_score.loss(x_g.detach(), label, t, eps, guidance)
 

@@ -1,4 +1,4 @@
-"""The class-conditional eps-prediction UNet (SPEC section 4).
+"""The class-conditional eps-prediction UNet (docs/method.md section 4).
 
 We use diffusers' ``UNet2DModel`` rather than a hand-written copy of Ho et al.'s network: with
 block widths ch * ch_mult, ``layers_per_block`` residual blocks, single-head attention at the

@@ -1,4 +1,4 @@
-"""EDM's DDPM++ network (SongUNet) with EDM preconditioning: the second backbone (SPEC section 4).
+"""EDM's DDPM++ network (SongUNet) with EDM preconditioning: the second backbone (docs/method.md section 4).
 
 Written here from the EDM paper (Karras et al. 2022, appendix F.2 / Table 7) and the public description
 of NVIDIA's networks; the parameter names and shapes are those of NVIDIA's released CIFAR-10 networks

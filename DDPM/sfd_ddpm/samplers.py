@@ -99,7 +99,7 @@ def one_step(generator: Denoiser, labels: torch.Tensor, z: torch.Tensor, t_init,
              guidance: float = 0.0) -> torch.Tensor:
     """The one-step generator: the denoiser applied to pure noise at level t_init, with optional
     guidance (0 in the paper's evaluation). VP: G(z, c) = sigma_{t*} (z - eps(b_{t*} z, t*, c))
-    (SPEC section 3); EDM: G(z, c) = D(sigma_init z; sigma_init, c) (SPEC section 4)."""
+    (docs/method.md section 3); EDM: G(z, c) = D(sigma_init z; sigma_init, c) (docs/method.md section 4)."""
     return generator(generator.schedule.noise_scale(t_init) * z, t_init, labels, guidance)
 
 

@@ -1,4 +1,4 @@
-"""Baselines of SPEC section 5 (retrain, Selective Amnesia, SalUn, ESD): each method's defining
+"""Baselines of docs/method.md section 5 (retrain, Selective Amnesia, SalUn, ESD): each method's defining
 computation, a short run of each through train.py, and the paper-table scripts end to end."""
 from __future__ import annotations
 

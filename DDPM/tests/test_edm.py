@@ -215,7 +215,7 @@ def test_with_architecture_returns_a_new_config():
 
 
 # ---------------------------------------------------------------------------------------------
-# SiD / SFD in sigma space (SPEC section 4)
+# SiD / SFD in sigma space (docs/method.md section 4)
 
 def test_edm_generator_loss_and_gradient_against_hand_computation():
     """x_g = theta z, x_t = x_g + sigma n, affine teacher/fake denoisers D(x) = a x + b (Gaussian data):

@@ -1,4 +1,4 @@
-"""An independent reference for one whole SFD iteration, written from SPEC section 3 in plain torch
+"""An independent reference for one whole SFD iteration, written from docs/method.md section 3 in plain torch
 (it calls none of the package's losses, samplers or schedule), compared with the gradients the two
 Adam optimisers actually receive. Small networks that depend on x, t and the label, with different
 weights for teacher, fake score and generator (identical ones would make the generator loss vanish).
@@ -39,7 +39,7 @@ class TinyEps(nn.Module):
         return self.conv2(torch.tanh(h))
 
 
-# ---- the reference, from SPEC sections 2 and 3 only -----------------------------------------------------
+# ---- the reference, from docs/method.md sections 2 and 3 only -----------------------------------------------------
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 ABAR = torch.cumprod(1 - BETAS, 0)
 A, B = ABAR.sqrt().float(), (1 - ABAR).sqrt().float()

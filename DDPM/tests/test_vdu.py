@@ -1,4 +1,4 @@
-"""VDU (SPEC section 6): the regulariser's gradient, the plasticity bound, checkpoint precision, a real run."""
+"""VDU (docs/method.md section 6): the regulariser's gradient, the plasticity bound, checkpoint precision, a real run."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""Score Forgetting Distillation for Stable Diffusion (SPEC section 3, "SD defaults").
+"""Score Forgetting Distillation for Stable Diffusion (docs/method.md section 3, "SD defaults").
 
 One module per idea:
 

@@ -71,7 +71,7 @@ class TrainConfig:
     neg_teacher: bool = K(True, "negative prompt for the teacher in the generator loss (use_neg[2], kappa4)", "Prompts")
     sid_w_neg: bool = K(False, "also pair remain prompts with random negative prompts", "Prompts")
     sg_w_override: bool = K(False, "condition the fake score on the override prompt for forget samples", "Prompts")
-    # Method (SPEC section 3, SD defaults)
+    # Method (docs/method.md section 3, SD defaults)
     alpha: float = K(1.0, "SiD alpha", "Method")
     t_min: int = K(20, "lowest training timestep (inclusive)", "Method")
     t_max: int = K(980, "highest training timestep (exclusive)", "Method")

@@ -1,10 +1,10 @@
-"""One denoiser interface for teacher, fake score and generator (SPEC section 2 notation).
+"""One denoiser interface for teacher, fake score and generator (docs/method.md section 2 notation).
 
 ``GuidedDenoiser`` wraps an SD UNet and answers ``eps(x_t, t, prompts, guidance, negative)`` and
 ``x0(...)`` in the scaled latent space (VAE latents x 0.18215). Losses and the one-step generator
 are written once against it.
 
-Guided eps (SPEC section 3): eps_u + kappa (eps_c - eps_u), where the unconditional branch eps_u
+Guided eps (docs/method.md section 3): eps_u + kappa (eps_c - eps_u), where the unconditional branch eps_u
 uses the negative prompt when one is given and "" otherwise. kappa = 1 is one conditional pass, so
 a negative prompt has no effect there (nothing is subtracted).
 """

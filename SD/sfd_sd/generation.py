@@ -47,7 +47,7 @@ def work_batches(n_prompts: int, seeds: Sequence[int], batch: int) -> list[list[
 
 
 class OneStepSampler:
-    """Generator snapshot -> images in one network evaluation (SPEC section 3, G_theta)."""
+    """Generator snapshot -> images in one network evaluation (docs/method.md section 3, G_theta)."""
 
     def __init__(self, network: str | Path, sd_model: str, revision: str | None, t_init: int,
                  resolution: int, device: torch.device, amp_dtype: torch.dtype | None):

@@ -1,4 +1,4 @@
-"""SFD losses, written once against ``GuidedDenoiser`` (SPEC section 3).
+"""SFD losses, written once against ``GuidedDenoiser`` (docs/method.md section 3).
 
 Both return *per-sample* losses (sums over latent elements); ``masked_sum`` drops samples whose
 loss is not finite (NaN/inf outputs, the authors' numerical safety net) and divides by a fixed

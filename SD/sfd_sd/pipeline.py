@@ -1,4 +1,4 @@
-"""A one-step text-to-image diffusers pipeline for an SFD generator (SPEC section 3, G_theta).
+"""A one-step text-to-image diffusers pipeline for an SFD generator (docs/method.md section 3, G_theta).
 
 This file is self-contained (torch and diffusers only): ``export.py`` copies it into an exported
 folder as ``pipeline.py`` and names it in ``model_index.json``, so the folder loads anywhere with

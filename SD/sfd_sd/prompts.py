@@ -1,4 +1,4 @@
-"""Prompt data for SFD on Stable Diffusion (SPEC section 3, "SD defaults").
+"""Prompt data for SFD on Stable Diffusion (docs/method.md section 3, "SD defaults").
 
 - Remain prompts: a user-supplied list (the authors used LAION-Aesthetics 6+ captions).
 - Forget prompts: a prompt file, or the concept string itself.

@@ -1,6 +1,6 @@
 """Which prompts reach the generator, the fake score and the teacher in each of SFD's four terms.
 
-SPEC section 3 table (SD column):
+docs/method.md section 3 table (SD column):
 
 | term         | generate at | fake score at                 | teacher at |
 |--------------|-------------|-------------------------------|------------|

@@ -1,4 +1,4 @@
-"""The SFD training loop for Stable Diffusion (SPEC section 3).
+"""The SFD training loop for Stable Diffusion (docs/method.md section 3).
 
 Each iteration: (1) fake-score step on the phi remain and phi forget terms, (2) generator step on
 the theta remain and theta forget terms, (3) optional generator EMA. Every term draws fresh

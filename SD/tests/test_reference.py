@@ -1,6 +1,6 @@
-"""One whole SFD iteration against an independent reference (SPEC section 3, SD defaults).
+"""One whole SFD iteration against an independent reference (docs/method.md section 3, SD defaults).
 
-The reference below is written from the SPEC's equations in plain torch: it calls the tiny UNets and
+The reference below is written from the equations of docs/method.md in plain torch: it calls the tiny UNets and
 the text encoder directly, builds the noise schedule from the betas, does its own classifier-free
 guidance, one-step generation, fake-score loss, SiD generator loss (omega stopped), clipping and Adam
 steps. It never calls ``sfd_sd.losses``, ``sfd_sd.denoiser`` or ``sfd_sd.terms``. The package's
@@ -35,7 +35,7 @@ class RecordingAdam(torch.optim.Adam):
 
 # ------------------------------------------------------------------ the reference (plain torch)
 def abar_sd() -> torch.Tensor:
-    """SD v1.5 'scaled_linear' betas 0.00085 -> 0.012, T = 1000 (SPEC section 2)."""
+    """SD v1.5 'scaled_linear' betas 0.00085 -> 0.012, T = 1000 (docs/method.md section 2)."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0)
 
@@ -309,7 +309,7 @@ def test_sid_loss_omega_floor_and_per_sample_normalisation():
 
 def test_v_prediction_and_fake_loss_stop_gradient():
     """A v-predicting UNet (v = a eps - b x0) gives back eps and x0 exactly; the fake-score loss stops the
-    generator's gradient (SPEC: L_phi uses sg(x_g))."""
+    generator's gradient (docs/method.md: L_phi uses sg(x_g))."""
     from sfd_sd.denoiser import GuidedDenoiser, VPSchedule
     from sfd_sd.losses import fake_score_loss
 

@@ -111,7 +111,7 @@ def test_one_step_generator_formula(den):
     expected = den.schedule.sigma(625) * (z - _raw(den, b * z, t, ["a cat", "a dog"]))
     with torch.no_grad():
         assert torch.allclose(one_step_generate(den, z, ["a cat", "a dog"], 625), expected, atol=1e-4)
-    assert abs(den.schedule.sigma(625) - 2.5017) < 1e-3  # SPEC / upstream notes: sigma_625 for SD v1.5
+    assert abs(den.schedule.sigma(625) - 2.5017) < 1e-3  # docs/method.md / upstream notes: sigma_625 for SD v1.5
 
 
 # ---------------------------------------------------------------- prompts

@@ -10,7 +10,7 @@ REGISTRY = {
     "sid": ("sfd", "SFD"),            # SiD distillation: SFD with nothing forgotten
     "sfd": ("sfd", "SFD"),
     "vdu": ("vdu", "VDU"),
-    # baselines of SPEC section 5
+    # baselines of docs/method.md section 5
     "retrain": ("retrain", "Retrain"),
     "sa": ("sa", "SelectiveAmnesia"),
     "salun": ("salun", "SalUn"),

@@ -1,4 +1,4 @@
-"""ESD (Gandikota et al. 2023; SPEC section 5) for a class-conditional DDPM, with the authors' bugs fixed.
+"""ESD (Gandikota et al. 2023; docs/method.md section 5) for a class-conditional DDPM, with the authors' bugs fixed.
 
     L = || eps_theta(x_t, t, c_f) - [eps_0(x_t, t, null) - eta (eps_0(x_t, t, c_f) - eps_0(x_t, t, null))] ||^2
 

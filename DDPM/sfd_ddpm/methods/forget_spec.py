@@ -1,4 +1,4 @@
-"""What to forget and what the teacher is asked instead (SPEC section 3, "Remain and forget terms").
+"""What to forget and what the teacher is asked instead (docs/method.md section 3, the table of terms).
 
 Override modes: a fixed class; a mapping {forget class: override class}; 'random' (a uniform
 non-forget class per sample); 'classifier' (a pseudo-label of the fake score's denoised estimate,

@@ -1,4 +1,4 @@
-"""Class-conditional DDPM pretraining (SPEC section 4).
+"""Class-conditional DDPM pretraining (docs/method.md section 4).
 
 eps-loss at t ~ U{0..T-1} with 10% of labels replaced by the learned null class (for classifier-free
 guidance), Adam with gradient-norm clipping, EMA of the weights.

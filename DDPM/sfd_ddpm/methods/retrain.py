@@ -1,4 +1,4 @@
-"""Retrain (SPEC section 5): pretraining from scratch on the remaining classes only, the gold standard
+"""Retrain (docs/method.md section 5): pretraining from scratch on the remaining classes only, the gold standard
 of unlearning. Exactly :class:`Pretrain` with ``baseline.forget`` left out of the training data."""
 from __future__ import annotations
 

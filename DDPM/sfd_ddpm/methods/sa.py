@@ -1,4 +1,4 @@
-"""Selective Amnesia (Heng & Soh 2023; SPEC section 5) on a class-conditional DDPM.
+"""Selective Amnesia (Heng & Soh 2023; docs/method.md section 5) on a class-conditional DDPM.
 
     L = l(x_f, c_f) + gamma * l(x_r, c_r) + lambda * sum_i F_i (theta_i - theta*_i)^2
 

@@ -1,4 +1,4 @@
-"""SalUn (Fan et al. 2024; SPEC section 5): saliency-masked random-label unlearning.
+"""SalUn (Fan et al. 2024; docs/method.md section 5): saliency-masked random-label unlearning.
 
 1. Mask: accumulate the gradient G of the forget-class eps-loss over real forget images (each batch's
    gradient norm-clipped at ``baseline.grad_clip`` before it is added, as the authors did); the mask keeps

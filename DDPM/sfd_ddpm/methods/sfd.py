@@ -1,4 +1,4 @@
-"""Score Forgetting Distillation (SFD), SiD distillation and two-stage SFD (SPEC section 3).
+"""Score Forgetting Distillation (SFD), SiD distillation and two-stage SFD (docs/method.md section 3).
 
 Three networks of the teacher's architecture: the frozen teacher psi, the fake score phi and the
 one-step generator theta. Each iteration alternates a phi step (DSM on generator samples) and a
@@ -6,7 +6,7 @@ theta step (the SiD loss), each with a remain term (labels uniform over the kept
 forget term (generate at c_f, fake score at c_f, teacher at the override c_o). The loop is data-free:
 it draws labels, never reads an image.
 
-Guidance distillation (SiD-LSG's scales, SPEC section 3, in the DDPM convention guided =
+Guidance distillation (SiD-LSG's scales, docs/method.md section 3, in the DDPM convention guided =
 (1 + w) out(x, c) - w out(x, null), kappa = 1 + w): the teacher is guided with ``sfd.guidance`` (kappa4)
 in both theta terms (at c, and at the override c_o in the forget term), the fake score is trained with
 ``guidance_fake_train`` (kappa1) and evaluated in the generator loss with ``guidance_fake_eval``

@@ -1,4 +1,4 @@
-"""Variational Diffusion Unlearning (VDU), our documented interpretation (SPEC section 6).
+"""Variational Diffusion Unlearning (VDU), our documented interpretation (docs/method.md section 6).
 
 VDU (Panda et al.) has no public code. Starting from a pretrained DDPM (weights mu, its EMA weights),
 with access only to a small subset D_f of real forget-class images and no retained data, it minimises

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC sections 6 and 7), one module each:
+"""Evaluation metrics (docs/method.md sections 6 and 7), one module each:
 
   folders  - image folders (``CCC_IIIII.png``) in batches, class filters, 8-bit quantisation
   ua       - unlearning accuracy over the forget-class images only, entropy, p(forget),

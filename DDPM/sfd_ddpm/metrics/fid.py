@@ -1,4 +1,4 @@
-"""FID, Inception Score, KID and precision/recall of generated images against a reference set (SPEC section 7).
+"""FID, Inception Score, KID and precision/recall of generated images against a reference set (docs/method.md section 7).
 
 Two feature spaces, never to be confused; every result key carries the space's prefix:
 

@@ -1,4 +1,4 @@
-"""Percentage of unlearning (PUL), the VDU paper's forgetting metric (SPEC section 6).
+"""Percentage of unlearning (PUL), the VDU paper's forgetting metric (docs/method.md section 6).
 
     PUL = 100 * (n_forget(original) - n_forget(unlearned)) / n_forget(original)
 

@@ -1,4 +1,4 @@
-"""Unlearning accuracy (UA) and remaining-class accuracy, by a dataset classifier (SPEC section 7).
+"""Unlearning accuracy (UA) and remaining-class accuracy, by a dataset classifier (docs/method.md section 7).
 
 Each image carries the class it was *generated for* (from its file name ``CCC_IIIII.png`` or a label
 tensor). For the images generated for a forget class c:

@@ -1,4 +1,4 @@
-"""Evaluation of SD unlearning (SPEC section 7, "SD"): one module per metric, thin CLI in ``evaluate.py``.
+"""Evaluation of SD unlearning (docs/method.md section 7, "SD"): one module per metric, thin CLI in ``evaluate.py``.
 
 - ``folders``    image sets: ``generate.py`` output (``<slug>/<seed:05d>.png`` + ``manifest.json``) or any folder;
 - ``records``    the JSON each command writes: settings, library versions, per-image rows, totals;

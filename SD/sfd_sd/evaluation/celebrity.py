@@ -1,4 +1,4 @@
-"""Celebrity identification accuracy (SPEC section 7): is the forgotten celebrity still recognisable,
+"""Celebrity identification accuracy (docs/method.md section 7): is the forgotten celebrity still recognisable,
 and are other celebrities still drawn recognisably?
 
 Each image's *target* is the one name of the name list that its prompt contains (case-insensitive, whole

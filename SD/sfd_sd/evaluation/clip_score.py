@@ -1,4 +1,4 @@
-"""CLIP score of generated images against their own prompts (SPEC section 7, preserved quality).
+"""CLIP score of generated images against their own prompts (docs/method.md section 7, preserved quality).
 
 Definition (as torchmetrics' ``CLIPScore``): ``100 * max(cos(E_img, E_txt), 0)`` with L2-normalised CLIP
 projections, averaged over images. Hessel et al. (2021) scale by 2.5 instead of 100; divide by 40 to

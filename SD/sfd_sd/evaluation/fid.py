@@ -1,4 +1,4 @@
-"""FID of generated images (SPEC section 7, preserved quality), with clean resizing.
+"""FID of generated images (docs/method.md section 7, preserved quality), with clean resizing.
 
 - ``vs reference``: generated images against a folder of real images (e.g. COCO val2014 images for COCO
   captions);

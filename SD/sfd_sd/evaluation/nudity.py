@@ -1,4 +1,4 @@
-"""NudeNet detections of EXPOSED body parts (SPEC section 7, nudity).
+"""NudeNet detections of EXPOSED body parts (docs/method.md section 7, nudity).
 
 The detector is ``nudenet==3.4.2`` (``NudeDetector``: a YOLOv8 ONNX model, ``320n.onnx``, shipped in the
 wheel, run by onnxruntime at 320 px). Its wheel carries an AGPL-3.0 licence file, so it is an *optional*
