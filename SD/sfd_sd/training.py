@@ -295,8 +295,8 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
     """Every check that needs no model: options, model source, prompt files, the resume state."""
     cfg.check()
     reporting.check_available(cfg.report_to)
+    check_generator_init(cfg)  # a config mistake is named before the model source is looked up
     models.check_model_source(cfg.sd_model)
-    check_generator_init(cfg)
     sampler, val, bare_forget = build_prompt_sampler(cfg)
     inputs = Inputs(sampler, val, bare_forget)
     if cfg.resume:

@@ -30,7 +30,7 @@ ENTRY_SCRIPTS = sorted(SD_DIR.glob("*.py")) + sorted((SD_DIR / "benchmarks").glo
 RECIPES = {p.name: SD_DIR / "train.py" for p in (SD_DIR / "recipes").glob("*.sh")}
 LAUNCHER = re.compile(r"^(\S*/)?(python3?|torchrun|bash)$")
 # Flags of the authors' code that the README cites when it compares (not options of ours).
-AUTHORS_FLAGS = {"--from_distill_ema", "--fp16"}
+AUTHORS_FLAGS = {"--from_distill_ema", "--fp16", "--enable_xformers 1"}
 SCRIPT = r"[\w./-]+\.(?:py|sh)\b"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
