@@ -184,7 +184,8 @@ def stage_status(stage_dir, overrides: list[str] = (), config: str | None = None
 
 # -- samples, metrics, products ------------------------------------------------------------------------
 def file_hash(path, length: int = 16) -> str:
-    """sha256 prefix, as sfd_ddpm.checkpoints.file_hash records it in settings.json."""
+    """sha256 prefix, as sfd_ddpm.checkpoints.file_hash records it in settings.json (not imported from there:
+    checkpoints imports torch, and this script runs at every stage of every paper script)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import SD_DIR, TESTS_DIR, run_env
+from tiny_sd import tiny_features  # noqa: F401  (examples/tiny.sh's stand-in; --features test_evaluate:tiny_features)
 
 # caption -> image colour the tiny CLIP is fitted on
 RED, BLUE, GREEN, YELLOW, MAGENTA = (220, 40, 40), (40, 40, 220), (40, 200, 40), (230, 220, 40), (200, 40, 200)
@@ -70,18 +71,6 @@ def load(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-class TinyFeatures(torch.nn.Module):
-    """FID stand-in: channel means on a 2x2 grid and channel std of uint8 (N, 3, 32, 32) images."""
-
-    input_size = 32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255
-        return torch.cat([torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1), x.flatten(2).std(-1)], 1)
-
-
-def tiny_features(device: str = "cpu") -> torch.nn.Module:
-    return TinyFeatures().to(device)
 
 
 class ColourRecognizer:
