@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Each suite is spread over the machine's cores (pytest-xdist; about 2x on 2 cores, the tests start the
+# long end-to-end modules first). PYTEST_WORKERS=0 runs a suite in one process, PYTEST_WORKERS=4 uses 4.
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --maxprocesses 8 --dist worksteal
 
 .PHONY: demo compare test test-fast setup clean help
 
@@ -34,8 +38,8 @@ test: $(STAMP)
 	if [ -n "$(EVAL_EXTRA)" ]; then $(PY) -m pip install --quiet -r SD/requirements-eval.txt; fi
 	@# Both suites run whatever the first one does; the target fails if either failed.
 	@status=0; \
-	(cd DDPM && $(abspath $(PY)) -m pytest -q tests) || status=1; \
-	(cd SD && $(abspath $(PY)) -m pytest -q tests) || status=1; \
+	(cd DDPM && $(abspath $(PY)) -m pytest -q $(XDIST) tests) || status=1; \
+	(cd SD && $(abspath $(PY)) -m pytest -q $(XDIST) tests) || status=1; \
 	if [ $$status -ne 0 ]; then echo "make test: at least one suite failed (see above)"; fi; \
 	exit $$status
 

@@ -11,6 +11,13 @@ import pytest
 TREE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TREE))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker under `make test -n`: workers already fill the cores, and oversubscribed
+    # OpenMP threads spin instead of working.
+    import torch
+
+    torch.set_num_threads(1)
+
 # Tiny settings: a ~20k-parameter UNet on the built-in dataset, a few iterations.
 TINY = [
     "data.dataset=builtin", "data.image_size=16", "data.builtin_per_class=40", "data.num_workers=0",
@@ -46,3 +53,10 @@ def tiny_teacher(tmp_path_factory) -> Path:
     run_script("train.py", "--config", "configs/builtin_train.yaml", "--outdir", out, *TINY, "training.n_iters=4")
     (run,) = out.iterdir()
     return run / "network-0000004.safetensors"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests run first: under `make test -n` no long test is then left to run alone at the
+    end while the other workers idle. Whole modules move, so module fixtures are still built once."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

@@ -57,3 +57,10 @@ def converted_generator(tmp_path_factory) -> Path:
     with open(root / "sid_lsg.pkl", "wb") as f:
         pickle.dump({"ema": tiny_unet(seed=7)}, f)
     return convert(root / "sid_lsg.pkl", root / "converted")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests run first: under `make test -n` no long test is then left to run alone at the
+    end while the other workers idle. Whole modules move, so module fixtures are still built once."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

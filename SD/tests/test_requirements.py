@@ -8,7 +8,8 @@ from conftest import SD_DIR
 ROOT = SD_DIR.parent
 IMPORT_NAME = {"pillow": "PIL", "PyYAML": "yaml", "torch-fidelity": "torch_fidelity"}
 # Pinned but not imported by our code, with the reason (checked below where it can be).
-INDIRECT = {"accelerate": "diffusers' from_pretrained (low_cpu_mem_usage loading)"}
+INDIRECT = {"accelerate": "diffusers' from_pretrained (low_cpu_mem_usage loading)",
+            "pytest-xdist": "the -n option of `make test` (a pytest plugin)"}
 
 
 def pins() -> dict[str, str]:
@@ -52,3 +53,11 @@ def test_environment_yml_installs_requirements_txt():
     env = (ROOT / "environment.yml").read_text()
     assert re.search(r"^\s*- -r requirements\.txt\s*$", env, re.M)
     assert re.search(r"^\s*- python=3\.1[1-9]\s*$", env, re.M)
+
+
+def test_make_test_runs_the_suites_in_parallel_with_the_pinned_plugin():
+    import xdist  # noqa: F401  (the pinned plugin is installed)
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pytest-xdist" in pins()
+    assert makefile.count("$(XDIST)") >= 2 and re.search(r"^XDIST\s*:?=.*-n ", makefile, re.M)
