@@ -72,13 +72,13 @@ MUTANTS = [
      "random override always the first kept class"),
     ("sfd_ddpm/methods/forget_spec.py", 'logits[:, self.forget] = float("-inf")', "pass", "pseudo-labels may be the forget class"),
     ("sfd_ddpm/methods/forget_spec.py", "lut[f] = o", "lut[f] = f", "override table maps forget to itself"),
-    ("sfd_ddpm/diffusion.py", "_bc(self.b(t), x0) * eps", "_bc(self.a(t), x0) * eps", "forward noising with a_t"),
+    ("sfd_ddpm/diffusion.py", "_bc(self.b(t, x0.dtype), x0) * eps", "_bc(self.a(t, x0.dtype), x0) * eps", "forward noising with a_t"),
     ("sfd_ddpm/diffusion.py", "torch.cumprod(1.0 - betas, dim=0)", "torch.cumprod(1.0 - betas, dim=0) ** 0.5", "wrong abar"),
     ("sfd_ddpm/diffusion.py", "return (1 + guidance) * out_c - guidance * out_u", "return guidance * out_c - guidance * out_u",
      "guidance formula"),
     ("sfd_ddpm/diffusion.py", "torch.randint(lo, hi, (n,)", "torch.randint(lo, hi + 1, (n,)", "inclusive upper timestep"),
-    ("sfd_ddpm/diffusion.py", "return (x_t - _bc(self.b(t), x_t) * eps) / _bc(self.a(t), x_t)",
-     "return (x_t - _bc(self.b(t), x_t) * eps) / _bc(self.b(t), x_t)", "denoised estimate / b_t"),
+    ("sfd_ddpm/diffusion.py", "return (x_t - _bc(self.b(t, x_t.dtype), x_t) * eps) / _bc(self.a(t, x_t.dtype), x_t)",
+     "return (x_t - _bc(self.b(t, x_t.dtype), x_t) * eps) / _bc(self.b(t, x_t.dtype), x_t)", "denoised estimate / b_t"),
     ("sfd_ddpm/samplers.py", "c2 = max(1 - abar_prev - c1 ** 2, 0.0) ** 0.5", "c2 = max(1 - abar_prev, 0.0) ** 0.5",
      "DDIM direction ignores eta noise"),
     ("sfd_ddpm/samplers.py", "x = x + (beta * (1 - abar_prev) / (1 - abar)) ** 0.5 * noise.randn()",
@@ -86,8 +86,8 @@ MUTANTS = [
     ("sfd_ddpm/samplers.py", "label * 10_000_019 + index", "label + index", "image seeds collide across classes"),
     ("sfd_ddpm/samplers.py", "torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])",
      "torch.randn((len(self.generators), *self.shape), generator=self.generators[0])", "one shared noise stream"),
-    ("sfd_ddpm/diffusion.py", "pure noise at level t is ``noise_scale(t) * z``.\"\"\"\n        return self.b(t)",
-     "pure noise at level t is ``noise_scale(t) * z``.\"\"\"\n        return self.a(t)", "one-step input a_t z"),
+    ("sfd_ddpm/diffusion.py", "pure noise at level t is ``noise_scale(t) * z``.\"\"\"\n        return self.b(t, dtype)",
+     "pure noise at level t is ``noise_scale(t) * z``.\"\"\"\n        return self.a(t, dtype)", "one-step input a_t z"),
     ("sfd_ddpm/samplers.py", "return n * (2 if guidance else 1)", "return n", "NFE ignores guidance"),
     ("sfd_ddpm/checkpoints.py", "        write(tmp)\n", "        write(str(path))\n", "non-atomic write"),
     ("sfd_ddpm/checkpoints.py", "            os.remove(tmp)", "            pass", "temporary file left behind"),
@@ -115,10 +115,15 @@ MUTANTS = [
      "    state = method.state_dict()", "a non-finite state is saved and rotates the finite one away"),
     ("sfd_ddpm/training.py", "    weights = method.weights()\n    _refuse_non_finite(weights, run_dir, done)",
      "    weights = method.weights()", "a non-finite snapshot is saved"),
+    # float64 stays float64 (tests/test_float64.py)
+    ("sfd_ddpm/diffusion.py", "        return values.to(t.device)[t.long()].to(dtype)", "        return values.to(t.device)[t.long()].float()",
+     "schedule coefficients cast to float32"),
+    ("sfd_ddpm/diffusion.py", "dtype = x.dtype if isinstance(t, float) else torch.long",
+     "dtype = torch.float32 if isinstance(t, float) else torch.long", "EDM sampler's sigma cast to float32"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
-                 "tests/test_faults.py", "tests/test_settings.py"]
+                 "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py"]
 FAST = "not subprocess and not slow"   # no entry scripts in subprocesses
 
 

@@ -36,43 +36,45 @@ class VPSchedule:
         self.betas = betas
         self.abar = torch.cumprod(1.0 - betas, dim=0)
 
-    def _gather(self, values: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def _gather(self, values: torch.Tensor, t: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        """Table entries at t, cast from the float64 table to ``dtype`` only at the end (the callers below pass
+        the dtype of the images they scale, so float64 sampling keeps the table's full precision)."""
         if not torch.is_tensor(t):
-            return values[t].float()
-        return values.to(t.device)[t.long()].float()
+            return values[t].to(dtype)
+        return values.to(t.device)[t.long()].to(dtype)
 
-    def a(self, t):
-        return self._gather(self.abar.sqrt(), t)
+    def a(self, t, dtype: torch.dtype = torch.float32):
+        return self._gather(self.abar.sqrt(), t, dtype)
 
-    def b(self, t):
-        return self._gather((1.0 - self.abar).sqrt(), t)
+    def b(self, t, dtype: torch.dtype = torch.float32):
+        return self._gather((1.0 - self.abar).sqrt(), t, dtype)
 
-    def sigma(self, t):
-        return self._gather(((1.0 - self.abar) / self.abar).sqrt(), t)
+    def sigma(self, t, dtype: torch.dtype = torch.float32):
+        return self._gather(((1.0 - self.abar) / self.abar).sqrt(), t, dtype)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = a_t x_0 + b_t eps, per-sample t."""
-        return _bc(self.a(t), x0) * x0 + _bc(self.b(t), x0) * eps
+        return _bc(self.a(t, x0.dtype), x0) * x0 + _bc(self.b(t, x0.dtype), x0) * eps
 
     def sample_t(self, n: int, lo: int, hi: int, device, generator=None) -> torch.Tensor:
         """t ~ U{lo..hi-1}, independently per sample (exclusive upper bound, docs/method.md section 2)."""
         return torch.randint(lo, hi, (n,), device=device, generator=generator)
 
     # ---- the noise-process interface shared with sfd_ddpm.edm.EDMSchedule ----
-    def noise_scale(self, t):
+    def noise_scale(self, t, dtype: torch.dtype = torch.float32):
         """The coefficient of eps in x_t: pure noise at level t is ``noise_scale(t) * z``."""
-        return self.b(t)
+        return self.b(t, dtype)
 
     def x0_from(self, x_t, t, eps):
         """The denoised estimate of an eps-prediction: (x_t - b_t eps) / a_t."""
-        return (x_t - _bc(self.b(t), x_t) * eps) / _bc(self.a(t), x_t)
+        return (x_t - _bc(self.b(t, x_t.dtype), x_t) * eps) / _bc(self.a(t, x_t.dtype), x_t)
 
     def eps_from(self, x_t, t, eps):
         return eps
 
     def eps_given_x0(self, x_t, t, x0):
         """The eps consistent with a (clipped) x0: (x_t - a_t x0) / b_t."""
-        return (x_t - _bc(self.a(t), x_t) * x0) / _bc(self.b(t), x_t)
+        return (x_t - _bc(self.a(t, x_t.dtype), x_t) * x0) / _bc(self.b(t, x_t.dtype), x_t)
 
     def sample_train(self, n: int, device, generator=None) -> torch.Tensor:
         """Pretraining levels: t ~ U{0..T-1}."""
@@ -98,7 +100,8 @@ class VPSchedule:
 
 
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a per-sample vector over the remaining dimensions of ``like``."""
+    """A per-sample vector (or a scalar) in ``like``'s dtype, broadcast over its remaining dimensions."""
+    v = torch.as_tensor(v, device=like.device, dtype=like.dtype)
     if v.dim() == 0:
         return v
     return v.view(-1, *([1] * (like.dim() - 1)))
@@ -169,8 +172,8 @@ def check_guidance(null_label, guidance: float) -> None:
 
 
 def _per_sample(t, x: torch.Tensor) -> torch.Tensor:
-    if not torch.is_tensor(t):
-        dtype = torch.float32 if isinstance(t, float) else torch.long
+    if not torch.is_tensor(t):  # a float level (EDM's sigma) takes the images' dtype: float64 stays float64
+        dtype = x.dtype if isinstance(t, float) else torch.long
         return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
     if t.dim() == 0:
         return t.expand(x.shape[0]).to(x.device)

@@ -50,7 +50,7 @@ class EDMSchedule:
         """x = x0 + sigma eps, per-sample sigma."""
         return x0 + _bc(torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device), x0) * eps
 
-    def noise_scale(self, sigma):
+    def noise_scale(self, sigma, dtype: torch.dtype = torch.float32):
         return sigma
 
     def x0_from(self, x, sigma, out):

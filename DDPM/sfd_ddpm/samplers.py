@@ -100,7 +100,7 @@ def one_step(generator: Denoiser, labels: torch.Tensor, z: torch.Tensor, t_init,
     """The one-step generator: the denoiser applied to pure noise at level t_init, with optional
     guidance (0 in the paper's evaluation). VP: G(z, c) = sigma_{t*} (z - eps(b_{t*} z, t*, c))
     (docs/method.md section 3); EDM: G(z, c) = D(sigma_init z; sigma_init, c) (docs/method.md section 4)."""
-    return generator(generator.schedule.noise_scale(t_init) * z, t_init, labels, guidance)
+    return generator(generator.schedule.noise_scale(t_init, z.dtype) * z, t_init, labels, guidance)
 
 
 def sample(denoiser: Denoiser, sampler: str, labels: torch.Tensor, seeds: list[int], shape, *, steps: int = 100,
