@@ -27,8 +27,8 @@ TREE = Path(__file__).resolve().parents[1]
 
 # (file, original text, mutated text, what it breaks)
 MUTANTS = [
-    ("sfd_ddpm/losses.py", "fake_score.loss(x_g.detach(), label, t, eps, guidance)",
-     "fake_score.loss(x_g, label, t, eps, guidance)", "DSM loss without stop-grad on x_g"),
+    ("sfd_ddpm/losses.py", "    x_g = x_g.detach()\n    if augment is None:", "    if augment is None:",
+     "DSM loss without stop-grad on x_g"),
     ("sfd_ddpm/diffusion.py", "(eps - denoiser.eps(x_t, t, label, guidance)).square()",
      "(eps - denoiser.eps(x_t, t, label, guidance)).abs()", "DSM L1 instead of L2"),
     ("sfd_ddpm/losses.py", ".mean(1).clamp_min(1e-5).detach()", ".mean(1).clamp_min(1e-5)", "omega carries gradient"),
@@ -120,10 +120,25 @@ MUTANTS = [
      "schedule coefficients cast to float32"),
     ("sfd_ddpm/diffusion.py", "dtype = x.dtype if isinstance(t, float) else torch.long",
      "dtype = torch.float32 if isinstance(t, float) else torch.long", "EDM sampler's sigma cast to float32"),
+    # SiD's augmentation of the fake score's images (tests/test_augment.py)
+    ("sfd_ddpm/losses.py", "return fake_score.loss(x_a, label, t, eps, guidance, augment_labels)",
+     "return fake_score.loss(x_a, label, t, eps, guidance)", "augmentation labels not given to the fake score"),
+    ("sfd_ddpm/losses.py", "return fake_score.loss(x_a, label, t, eps, guidance, augment_labels)",
+     "return fake_score.loss(x_g, label, t, eps, guidance, augment_labels)", "fake score learns un-augmented images"),
+    ("sfd_ddpm/methods/sfd.py", 'self.guidance.fake_train, self.augment)', 'self.guidance.fake_train)',
+     "sfd.augment ignored"),
+    ("sfd_ddpm/augment.py", "yflip = _gate(torch.randint(2, (n,), device=dev).float(), r[\"yflip\"])",
+     "yflip = torch.randint(2, (n,), device=dev).float()", "y-flip regardless of p"),
+    ("sfd_ddpm/augment.py", "axis = _gate((torch.rand(n, device=dev) * 2 - 1) * math.pi, ANISO_ROTATE_PROB)",
+     "axis = (torch.rand(n, device=dev) * 2 - 1) * math.pi", "anisotropy axis always turned"),
+    ("sfd_ddpm/networks_edm.py", "self.class_vector(label), augment_labels)", "self.class_vector(label))",
+     "network ignores its augmentation labels"),
+    ("sfd_ddpm/augment.py", "_rotation(angle) @ _rotation(-axis)", "_rotation(-angle) @ _rotation(-axis)",
+     "rotation against its label"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
-                 "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py"]
+                 "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py", "tests/test_augment.py"]
 FAST = "not subprocess and not slow"   # no entry scripts in subprocesses
 
 

@@ -152,6 +152,9 @@ SCHEMA: dict = {
         "fake_score_levels": K("range", "noise levels of the fake-score loss: range (the generator's [t_min, t_max), "
                                         "the DDPM tree's choice) or pretrain (the backbone's pretraining "
                                         "distribution: SiD's choice for EDM teachers, log-normal sigma)"),
+        "augment": K(0.0, "EDM backbone: probability p of EDM's geometric augmentation of the fake score's training "
+                          "images, with augmentation labels fed to the network (SiD's CIFAR-10 setting is 0.12; "
+                          "needs model.augment_dim 9); 0 = none, the generator loss is never augmented"),
         "lambda_phi_r": K(1.0, "fake-score remain weight"),
         "lambda_phi_f": K(0.01, "fake-score forget weight"),
         "lambda_theta_r": K(1.0, "generator remain weight"),
@@ -270,7 +273,7 @@ RANGES = {
     **{f"sfd.{k}": NON_NEGATIVE for k in ("t_min", "t_max", "t_init", "warmup_t_min", "warmup_t_max",
                                           "lambda_phi_r", "lambda_phi_f", "lambda_theta_r", "lambda_theta_f",
                                           "grad_clip_value")},
-    "sfd.sigma_init": POSITIVE, "sfd.forget_warmup": PROBABILITY, "sfd.lr_phi": POSITIVE, "sfd.lr_theta": POSITIVE,
+    "sfd.sigma_init": POSITIVE, "sfd.forget_warmup": PROBABILITY, "sfd.augment": PROBABILITY, "sfd.lr_phi": POSITIVE, "sfd.lr_theta": POSITIVE,
     "sfd.betas": ADAM_BETAS,
     "baseline.lr": POSITIVE, "baseline.betas": ADAM_BETAS, "baseline.grad_clip": NON_NEGATIVE,
     **{f"baseline.{k}": NON_NEGATIVE for k in ("sa_gamma", "sa_lambda", "sa_replay_guidance", "salun_alpha",

@@ -92,9 +92,13 @@ class VPSchedule:
         """The one-step generator's level: t* = ``sfd.t_init``."""
         return int(sfd_cfg["t_init"])
 
-    def denoising_loss(self, denoiser: "Denoiser", x0, label, t, eps, guidance: float = 0.0) -> torch.Tensor:
+    def denoising_loss(self, denoiser: "Denoiser", x0, label, t, eps, guidance: float = 0.0,
+                       augment_labels=None) -> torch.Tensor:
         """Per-sample pixel-summed eps-prediction loss ||eps - eps(x_t, t, c)||^2 (Ho et al.), with the
         eps guided with scale w (SiD-LSG trains its fake score guided; w = 0: the plain loss)."""
+        if augment_labels is not None:
+            raise ValueError("augmentation labels need an EDM (songunet) network with model.augment_dim 9; the "
+                             "DDPM UNet has no augmentation input (set sfd.augment=0)")
         x_t = self.add_noise(x0, t, eps)
         return (eps - denoiser.eps(x_t, t, label, guidance)).square().flatten(1).sum(1)
 
@@ -127,23 +131,27 @@ class Denoiser:
         self.schedule = schedule
         self.null_label = null_label
 
-    def output(self, x_t: torch.Tensor, t, label: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
-        """The (guided) raw network output: eps for a VP network, D for an EDM network."""
+    def output(self, x_t: torch.Tensor, t, label: torch.Tensor, guidance: float = 0.0,
+               augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The (guided) raw network output: eps for a VP network, D for an EDM network. ``augment_labels``
+        (training on augmented images, EDM networks only) go to the network with the images."""
         t = _per_sample(t, x_t)
         if guidance == 0:
-            return self.net(x_t, t, label)
+            return self.net(x_t, t, label, **_augment(augment_labels))
         check_guidance(self.null_label, guidance)
         null = torch.full_like(label, self.null_label)
-        out_c, out_u = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([label, null])).chunk(2)
+        both = None if augment_labels is None else torch.cat([augment_labels, augment_labels])
+        out_c, out_u = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([label, null]),
+                                **_augment(both)).chunk(2)
         return (1 + guidance) * out_c - guidance * out_u
 
     def eps(self, x_t: torch.Tensor, t, label: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
         t = _per_sample(t, x_t)
         return self.schedule.eps_from(x_t, t, self.output(x_t, t, label, guidance))
 
-    def __call__(self, x_t, t, label, guidance: float = 0.0) -> torch.Tensor:
+    def __call__(self, x_t, t, label, guidance: float = 0.0, augment_labels=None) -> torch.Tensor:
         t = _per_sample(t, x_t)
-        return self.schedule.x0_from(x_t, t, self.output(x_t, t, label, guidance))
+        return self.schedule.x0_from(x_t, t, self.output(x_t, t, label, guidance, augment_labels))
 
     denoise = __call__
 
@@ -158,10 +166,16 @@ class Denoiser:
             eps = self.schedule.eps_given_x0(x_t, t, x0)
         return x0, eps
 
-    def loss(self, x0, label, t, eps, guidance: float = 0.0) -> torch.Tensor:
+    def loss(self, x0, label, t, eps, guidance: float = 0.0, augment_labels=None) -> torch.Tensor:
         """The backbone's per-sample denoising score-matching loss (see the schedule's ``denoising_loss``)
-        of the output guided with scale ``guidance`` (0: one conditional pass)."""
-        return self.schedule.denoising_loss(self, x0, label, _per_sample(t, x0), eps, guidance)
+        of the output guided with scale ``guidance`` (0: one conditional pass); ``augment_labels``: x0 are
+        augmented images and these labels say how (EDM backbone)."""
+        return self.schedule.denoising_loss(self, x0, label, _per_sample(t, x0), eps, guidance, augment_labels)
+
+
+def _augment(augment_labels) -> dict:
+    """The augmentation keyword for the network, only when there are labels (VP networks take none)."""
+    return {} if augment_labels is None else {"augment_labels": augment_labels}
 
 
 def check_guidance(null_label, guidance: float) -> None:

@@ -66,11 +66,13 @@ class EDMSchedule:
         """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
-    def denoising_loss(self, denoiser, x0, label, sigma, eps, guidance: float = 0.0) -> torch.Tensor:
-        """EDM's per-sample loss lambda(sigma) ||D(x0 + sigma eps; sigma, c) - x0||^2 (pixel sums), D guided
-        with scale w (0: one conditional pass)."""
+    def denoising_loss(self, denoiser, x0, label, sigma, eps, guidance: float = 0.0,
+                       augment_labels=None) -> torch.Tensor:
+        """EDM's per-sample loss lambda(sigma) ||D(x0 + sigma eps; sigma, c, a) - x0||^2 (pixel sums), D guided
+        with scale w (0: one conditional pass); x0 may be augmented images with augmentation labels a."""
         x = self.add_noise(x0, sigma, eps)
-        return self.loss_weight(sigma) * (denoiser(x, sigma, label, guidance) - x0).square().flatten(1).sum(1)
+        D = denoiser(x, sigma, label, guidance, augment_labels)
+        return self.loss_weight(sigma) * (D - x0).square().flatten(1).sum(1)
 
     def sample_train(self, n: int, device, generator=None) -> torch.Tensor:
         """ln sigma ~ N(P_mean, P_std^2)."""

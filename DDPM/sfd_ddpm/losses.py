@@ -14,12 +14,18 @@ from .diffusion import Denoiser
 
 
 def fake_score_loss(fake_score: Denoiser, x_g: torch.Tensor, label: torch.Tensor, t: torch.Tensor,
-                    eps: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
+                    eps: torch.Tensor, guidance: float = 0.0, augment=None) -> torch.Tensor:
     """Denoising score matching on generator samples, generator stopped, with the backbone's loss:
     VP: L_phi = || eps - eps_phi(a_t sg(x_g) + b_t eps, t, c) ||^2;
     EDM: L_phi = lambda(sigma) || D_phi(sg(x_g) + sigma eps; sigma, c) - sg(x_g) ||^2 (docs/method.md section 4);
-    the fake score's output guided with ``guidance`` (SiD-LSG's kappa1)."""
-    return fake_score.loss(x_g.detach(), label, t, eps, guidance)
+    the fake score's output guided with ``guidance`` (SiD-LSG's kappa1). ``augment`` (sfd_ddpm.augment,
+    SiD's CIFAR-10 setting): the fake score learns augmented generator images, told how through its
+    augmentation labels; the generator loss stays un-augmented (all-zero labels), as in SiD."""
+    x_g = x_g.detach()
+    if augment is None:
+        return fake_score.loss(x_g, label, t, eps, guidance)
+    x_a, augment_labels = augment(x_g)
+    return fake_score.loss(x_a, label, t, eps, guidance, augment_labels)
 
 
 def sid_loss(x_g: torch.Tensor, f_teacher: torch.Tensor, f_fake: torch.Tensor, alpha: float) -> torch.Tensor:

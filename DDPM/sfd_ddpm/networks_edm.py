@@ -229,11 +229,17 @@ class EDMNetwork(nn.Module):
                              f"got range [{int(label.min())}, {int(label.max())}]")
         return F.one_hot(label.long(), self.n_classes + 1)[:, :self.n_classes].float()  # null -> all zeros
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``augment_labels`` (N, augment_dim): what sfd_ddpm.augment did to the images (training on augmented
+        images only); None, as in sampling, feeds zeros, which contribute nothing."""
         x, sigma = x.float(), sigma.float().reshape(-1)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        # no augmentation labels: the augment input (if any) receives zeros and contributes nothing
-        F_x = self.model(c_in.view(-1, 1, 1, 1) * x, c_noise, self.class_vector(label))
+        if augment_labels is not None and augment_labels.shape[1:] != (self.model.augment_dim,):
+            raise ValueError(f"augmentation labels of shape {tuple(augment_labels.shape)} given to a network with "
+                             f"augment_dim {self.model.augment_dim} (model.augment_dim must be 9 to train on "
+                             "augmented images)")
+        F_x = self.model(c_in.view(-1, 1, 1, 1) * x, c_noise, self.class_vector(label), augment_labels)
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * F_x
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..augment import GeometricAugment, LABEL_DIM
 from ..checkpoints import CheckpointError, load_into, load_weights
 from ..config import with_architecture
 from ..diffusion import check_guidance, Denoiser, NoGuidance, schedule_of
@@ -81,6 +82,18 @@ def _scale(key: str, w) -> float:
     return float(w)
 
 
+def augmentation(p: float, fake_score) -> GeometricAugment | None:
+    """SiD's augmentation of the fake score's training images (``sfd.augment`` = EDM's p; 0: none), refused
+    at construction for a network without EDM's 9 augmentation labels."""
+    if p == 0:
+        return None
+    if getattr(getattr(fake_score, "model", None), "augment_dim", 0) != LABEL_DIM:
+        raise ValueError(f"sfd.augment={p} needs an EDM (songunet) network with model.augment_dim={LABEL_DIM} "
+                         "(NVIDIA's CIFAR-10 networks have it); this network has no augmentation input: set "
+                         "sfd.augment=0")
+    return GeometricAugment(p)
+
+
 class SFD:
     kind = "sfd"
 
@@ -99,6 +112,7 @@ class SFD:
         self.cfg, self.dist = cfg, dist
         teacher, fake, gen = networks
         self.guidance.check(teacher.null_label)
+        self.augment = augmentation(s["augment"], fake)
         self.spec = ForgetSpec.parse(s["forget"], s["override"], cfg["data"]["n_classes"], s["classifier"],
                                      s["classifier_mode"], dist.device)
         self.schedule = schedule_of(cfg)
@@ -249,7 +263,7 @@ class SFD:
         with torch.no_grad():
             x_g = self._generate(terms)
         return fake_score_loss(self.fake_train, x_g, self._cat(terms, "label"), self._cat(terms, "t"),
-                               self._cat(terms, "eps"), self.guidance.fake_train)
+                               self._cat(terms, "eps"), self.guidance.fake_train, self.augment)
 
     def _theta_terms(self, terms) -> torch.Tensor:
         x_g = self._generate(terms)
