@@ -153,7 +153,8 @@ def adapter_info(folder: str | Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         n = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
-    config = json.loads(meta.get("unet_lora_adapter_metadata", meta.get("lora_adapter_metadata", "{}")) or "{}")
+    raw = json.loads(meta.get("lora_adapter_metadata") or "{}")  # diffusers: {"unet.r": 4, ...}
+    config = {k.removeprefix("unet."): v for k, v in raw.items()}
     return dict(rank=config.get("r"), alpha=config.get("lora_alpha"), targets=config.get("target_modules"),
                 parameters=int(n), bytes=path.stat().st_size)
 
@@ -181,3 +182,26 @@ def merge(module: torch.nn.Module) -> torch.nn.Module:
     if hasattr(module, "_hf_peft_config_loaded"):
         module._hf_peft_config_loaded = False
     return module
+
+
+def generator_base_of(info: dict, generator_base: str | None, what: str) -> str:
+    """The generator start an adapter was trained on: ``generator_base`` if given, else the one its
+    ``sfd_generator.json`` names (a folder on the training machine, or 'teacher')."""
+    from .models import ModelLoadError
+
+    base = generator_base or info.get("generator_init")
+    if base is None:
+        raise ModelLoadError(f"{what}: a LoRA adapter without a recorded generator start; give --generator-base DIR "
+                             "(the SiD-LSG generator folder it was trained on, or 'teacher')")
+    if base != "teacher" and not Path(base).expanduser().is_dir():
+        raise ModelLoadError(f"{what}: the adapter was trained on the generator start {base!r}, which is not a folder "
+                             "here; give --generator-base DIR (the converted SiD-LSG generator, convert_sid_lsg.py)")
+    return base
+
+
+def load_adapter_generator(folder: str | Path, teacher_unet: torch.nn.Module, generator_base: str) -> torch.nn.Module:
+    """The one-step generator of an adapter folder: its generator start + the adapter, merged (fp32)."""
+    from .models import load_generator_init
+
+    base = load_generator_init(generator_base, teacher_unet)
+    return load_adapter_merged(base, folder)
