@@ -475,6 +475,8 @@ def build(cfg: TrainConfig, dist: distributed.Dist, precision: str) -> Run:
         ema_unet = copy.deepcopy(gen_unet).eval().requires_grad_(False)
     nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=ema_unet, **trained)
 
+    if cfg.adapter == "lora" and cfg.lora_dropout > 0:  # peft's dropout draws from the global stream: seeded
+        torch.manual_seed(cfg.seed * 1_000_003 + 104_729 + dist.rank)  # here, saved in the state (exact resume)
     opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for(precision))
     use_scaler = precision == "fp16"
     return Run(cfg=cfg, dist=dist, precision=precision, nets=nets, vae=_to(parts.vae, device, torch.float32),
