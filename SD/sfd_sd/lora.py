@@ -90,12 +90,14 @@ def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_adapter_state(module: torch.nn.Module, state: dict, source: str) -> None:
     own = dict((n, p) for n, p in module.named_parameters() if ".lora_" in n)
-    if set(own) != set(state):
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shape = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
+    if missing or extra or shape:
         from .checkpoints import CheckpointError
 
-        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise CheckpointError(f"{source}: the adapter does not match this run's (missing {missing[:2]}, "
-                              f"unexpected {extra[:2]}); resume with the run's lora_rank and lora_targets")
+                              f"unexpected {extra[:2]}, other shape {shape[:2]}); resume with the run's lora_rank "
+                              "and lora_targets")
     for n, p in own.items():
         p.copy_(state[n])
 

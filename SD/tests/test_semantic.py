@@ -40,6 +40,11 @@ def patterns() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd_dir, tmp_path_factory):
+    return make_setup(tiny_sd_dir, tmp_path_factory.mktemp("semantic"))
+
+
+def make_setup(tiny_sd_dir, folder):
+    """The exact teacher and the prompt files (also used by the LoRA mode's test, tests/test_lora.py)."""
     from gaussian_text import GaussianTextScore
 
     from sfd_sd.denoiser import PromptEncoder, VPSchedule
@@ -55,15 +60,19 @@ def setup(tiny_sd_dir, tmp_path_factory):
     teacher.fit(hidden, means, DATA_STD ** 2).requires_grad_(False).eval()
     fitted_mean, fitted_var = teacher.stats(hidden)
     assert (fitted_mean - means.flatten(1)).abs().max() < 1e-3 and torch.allclose(fitted_var, torch.tensor(0.09), atol=1e-3)
-    folder = tmp_path_factory.mktemp("semantic")
     (folder / "remain.txt").write_text("\n".join(t.format(w) for w in WORDS[1:] for t in TEMPLATES) + "\n")
     (folder / "forget.txt").write_text("\n".join(t.format("cat") for t in TEMPLATES) + "\n")
     return dict(parts=parts, encoder=encoder, teacher=teacher, pats=pats, folder=folder,
                 schedule=VPSchedule(parts.alphas_cumprod))
 
 
-def run_sfd(setup, forget_weight: float):
-    """SFD forgetting "cat" into "dog" through the real SD training step; returns the EMA generator."""
+# LoRA mode (tests/test_lora.py): adapters on the text map, rank 8; learning rates for the adapters.
+LORA = dict(lora_rank=8, lora_alpha=8.0, lora_targets=["proj"], lr_fake=1e-3, lr_gen=3e-4)
+
+
+def run_sfd(setup, forget_weight: float, adapter: str = "full"):
+    """SFD forgetting "cat" into "dog" through the real SD training step; returns the EMA generator.
+    ``adapter="lora"``: fake score and generator are the teacher + LoRA adapters (sfd_sd/lora.py)."""
     from sfd_sd.config import TrainConfig
     from sfd_sd.denoiser import GuidedDenoiser
     from sfd_sd.distributed import Dist
@@ -75,20 +84,30 @@ def run_sfd(setup, forget_weight: float):
         concept_to_forget="cat", concept_to_override="dog",
         kappa_fake_train=1.0, kappa_fake_eval=1.0, kappa_teacher=1.0,
         alpha=1.2, batch=16, lr_fake=2e-4, lr_gen=6e-5, ema_halflife_kimg=0.5,
-        w_fake_forget=forget_weight, w_gen_forget=forget_weight, seed=0)
+        w_fake_forget=forget_weight, w_gen_forget=forget_weight, seed=0,
+        **(dict(adapter="lora", **LORA) if adapter == "lora" else {}))
     cfg.check()
     sampler, _, _ = build_prompt_sampler(cfg)
     assert sampler.pairs == [(t.format("cat"), t.format("dog")) for t in TEMPLATES]
     torch.manual_seed(0)
     teacher = setup["teacher"]
-    fake = copy.deepcopy(teacher).requires_grad_(True)
-    gen = copy.deepcopy(teacher).requires_grad_(True)
-    ema = copy.deepcopy(gen).requires_grad_(False)
     mk = lambda net: GuidedDenoiser(net, setup["schedule"], setup["encoder"])  # noqa: E731
-    nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema)
+    if adapter == "lora":
+        from sfd_sd import lora
+
+        teacher, fake, gen, fake_params, gen_params = lora.build_lora_nets(teacher, None, cfg, torch.float32, "cpu",
+                                                                           share_generator_base=True)
+        ema, ema_params = lora.ema_copy(gen)
+        nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema, fake_params=fake_params,
+                    gen_params=gen_params, ema_params=ema_params)
+    else:
+        fake = copy.deepcopy(teacher).requires_grad_(True)
+        gen = copy.deepcopy(teacher).requires_grad_(True)
+        ema = copy.deepcopy(gen).requires_grad_(False)
+        nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema)
     opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for("fp32"))
-    opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, **opt_kw)
-    opt_gen = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, **opt_kw)
+    opt_fake = torch.optim.Adam(nets.params("fake"), lr=cfg.lr_fake, **opt_kw)
+    opt_gen = torch.optim.Adam(nets.params("gen"), lr=cfg.lr_gen, **opt_kw)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step = SFDStep(cfg, nets, sampler, guidance_settings(cfg), Dist(), opt_fake, opt_gen, scaler, scaler,
                    torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), SHAPE)
