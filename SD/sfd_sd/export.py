@@ -28,7 +28,7 @@ KNOWN_LICENSES = {
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
 }
 # Training settings shown in the card, in this order (keys of the run's config.json).
-CARD_SETTINGS = ("concept_to_forget", "concept_to_override", "forget_prompts", "override_prompts", "keywords",
+CARD_SETTINGS = ("adapter", "lora_rank", "lora_alpha", "concept_to_forget", "concept_to_override", "forget_prompts", "override_prompts", "keywords",
                  "negative_prompts", "remain_prompts", "alpha", "t_init", "t_min", "t_max", "kappa_fake_train",
                  "kappa_fake_eval", "kappa_teacher", "prompt_dropout", "w_fake_remain", "w_fake_forget",
                  "w_gen_remain", "w_gen_forget", "lr_fake", "lr_gen", "batch", "duration_kimg",
@@ -128,7 +128,10 @@ def model_card(info: dict, run_cfg: dict, base_model: str, base_model_id: str | 
         f"| base model licence | `{license_id}` (this model inherits it; read it before use) |",
         f"| sampler | one step at t* = {info.get('t_init')}, no classifier-free guidance |",
         f"| images seen in training | {_fmt(info.get('images_seen'))} |",
-        f"| generator EMA | {_fmt(info.get('ema'))} |", "",
+        f"| generator EMA | {_fmt(info.get('ema'))} |",
+        *([f"| training mode | LoRA (rank {info.get('lora_rank')}, alpha {_fmt(info.get('lora_alpha'))}), merged into "
+           "the generator start; the adapter alone is in `forget_adapter/` |"] if info.get("adapter") == "lora" else []),
+        "",
         "## Use", "",
         "```python",
         "import torch",
@@ -143,7 +146,8 @@ def model_card(info: dict, run_cfg: dict, base_model: str, base_model_id: str | 
         "(`generator=[torch.Generator().manual_seed(s) for s in seeds]`) gives, for each seed, the "
         "image the SFD repository's `generate.py` writes for that prompt and seed.", "",
     ]
-    shown = [(k, run_cfg[k]) for k in CARD_SETTINGS if k in run_cfg]
+    shown = [(k, run_cfg[k]) for k in CARD_SETTINGS if k in run_cfg
+             and (not k.startswith("lora_") or run_cfg.get("adapter") == "lora")]
     if shown:
         lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| `{k}` | {_fmt(_setting(k, v))} |" for k, v in shown]
