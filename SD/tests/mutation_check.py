@@ -114,7 +114,7 @@ MUTATIONS = [
     ("lora: alpha ignored", "sfd_sd/lora.py", "lora_alpha=cfg.lora_alpha,", "lora_alpha=cfg.lora_rank,"),
     ("lora: targets ignored", "sfd_sd/lora.py", "target_modules=list(cfg.lora_targets),", "target_modules=[\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"],"),
     ("lora: dropout ignored", "sfd_sd/lora.py", "lora_dropout=cfg.lora_dropout, init_lora_weights", "lora_dropout=0.0, init_lora_weights"),
-    ("lora: base weights trainable", "sfd_sd/lora.py", "    module.requires_grad_(False)\n    state = torch.random", "    state = torch.random"),
+    ("lora: base weights trainable", "sfd_sd/training.py", "        fake_unet.train()\n        _set_trainable(nets.params(\"fake\"), True)", "        fake_unet.train().requires_grad_(True)"),
     ("lora: fake score on a copy of the teacher", "sfd_sd/lora.py", "memo = {id(t): t for t in shared}", "memo = {}"),
     ("lora: EMA shares the generator's adapter", "sfd_sd/lora.py", "named_parameters() if \".lora_\" not in n] + list", "named_parameters()] + list"),
     ("lora: teacher carries the adapter", "sfd_sd/lora.py", "return teacher_unet, fake.eval(), gen.eval()", "return fake, fake.eval(), gen.eval()"),

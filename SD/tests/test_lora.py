@@ -303,3 +303,19 @@ def test_lora_sfd_forgets_cat_into_dog_and_keeps_others(tiny_sd_dir, tmp_path_fa
     assert after["cat"]["dist"][:, 1].max() < 0.25 and after["cat"]["nearest"][0] == 0.0
     for w in ("dog", "bird", "fish"):
         sem.check_keeps(after, w, w, min_spread=0.1)
+
+
+def test_peft_is_imported_by_the_lora_code_path_only():
+    """peft is pinned for adapter=lora; no other module imports it, and loading the code does not."""
+    import subprocess
+    import sys
+
+    users = sorted(str(p.relative_to(SD_DIR)) for p in SD_DIR.rglob("*.py") if "tests" not in p.parts
+                   and re.search(r"^\s*(from|import) peft\b", p.read_text(), re.M))
+    assert users == ["sfd_sd/lora.py"]
+    lora_src = (SD_DIR / "sfd_sd" / "lora.py").read_text()
+    assert not re.search(r"^(from|import) peft\b", lora_src, re.M)  # inside functions only
+    code = ("import sys; import sfd_sd.training, sfd_sd.lora, sfd_sd.export, sfd_sd.generation, train, generate, "
+            "export; print('peft' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=SD_DIR, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]
