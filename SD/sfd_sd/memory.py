@@ -91,8 +91,15 @@ def plan(adapter: str, batch_gpu: int, grad_checkpointing: bool, n_adapter: int 
 
 def plan_for_config(cfg, batch_gpu: int | None = None) -> dict:
     """The plan of a run's settings on SD v1.5 (the model is not loaded: a dry run reports it)."""
+    import os
+
     n = adapter_parameters(cfg.lora_targets, cfg.lora_rank) if cfg.adapter == "lora" else 0
-    p = plan(cfg.adapter, batch_gpu or cfg.batch_gpu or cfg.batch, cfg.grad_checkpointing, n, cfg.resolution,
+    if batch_gpu is None:  # the micro-batch of one process (torchrun sets WORLD_SIZE, also for a dry run)
+        try:
+            batch_gpu = cfg.batch_layout(int(os.environ.get("WORLD_SIZE", "1")))[1]
+        except Exception:  # an uneven split is reported when training starts
+            batch_gpu = cfg.batch_gpu or cfg.batch
+    p = plan(cfg.adapter, batch_gpu, cfg.grad_checkpointing, n, cfg.resolution,
              ema=cfg.ema_halflife_kimg > 0, share_generator_base=cfg.generator_init == "teacher")
     p["note"] = ("computed for the SD v1.5 architecture with bf16 autocast (README: 'Precision and memory'); "
                  "an estimate, measure with benchmarks/gpu_check.py")

@@ -319,3 +319,18 @@ def test_peft_is_imported_by_the_lora_code_path_only():
             "export; print('peft' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], cwd=SD_DIR, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]
+
+
+def test_disk_plan_counts_adapters_only(tiny_sd_dir):
+    """A LoRA run's states and snapshots hold adapter tensors: the disk plan says so before any model loads."""
+    from sfd_sd import disk, memory
+    from sfd_sd.config import load_config
+
+    full = load_config(overrides=[a for a in lora_args(tiny_sd_dir, "x") if not a.startswith(("adapter", "lora_"))])
+    lora = load_config(overrides=lora_args(tiny_sd_dir, "x", "ema_halflife_kimg=0.5"))
+    unet_config = {k: v for k, v in __import__("diffusers").UNet2DConditionModel.load_config(
+        tiny_sd_dir, subfolder="unet").items() if not k.startswith("_")}
+    n = memory.adapter_parameters(lora.lora_targets, lora.lora_rank, unet_config)
+    plan = disk.plan_for_run(lora, 0)
+    assert (plan.state_bytes, plan.snapshot_bytes) == (2 * 3 * 4 * n + 4 * n, 4 * n)
+    assert disk.plan_for_run(full, 0).snapshot_bytes == 4 * disk.unet_parameters(str(tiny_sd_dir), None) > 5 * 4 * n
