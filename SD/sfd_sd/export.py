@@ -28,7 +28,8 @@ KNOWN_LICENSES = {
     "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
 }
 # Training settings shown in the card, in this order (keys of the run's config.json).
-CARD_SETTINGS = ("adapter", "lora_rank", "lora_alpha", "concept_to_forget", "concept_to_override", "forget_prompts", "override_prompts", "keywords",
+CARD_SETTINGS = ("adapter", "lora_rank", "lora_alpha", "concept_to_forget", "concept_to_override", "forget_prompts",
+                 "override_prompts", "keywords",
                  "negative_prompts", "remain_prompts", "alpha", "t_init", "t_min", "t_max", "kappa_fake_train",
                  "kappa_fake_eval", "kappa_teacher", "prompt_dropout", "w_fake_remain", "w_fake_forget",
                  "w_gen_remain", "w_gen_forget", "lr_fake", "lr_gen", "batch", "duration_kimg",

@@ -131,7 +131,8 @@ def metadata(cfg_like: dict) -> dict:
                 init_lora_weights=True)
 
 
-def save_adapter(gen_unet: torch.nn.Module, folder: Path, cfg_like: dict, adapter_name: str = GENERATOR_ADAPTER) -> None:
+def save_adapter(gen_unet: torch.nn.Module, folder: Path, cfg_like: dict,
+                 adapter_name: str = GENERATOR_ADAPTER) -> None:
     """Write ``pytorch_lora_weights.safetensors`` as diffusers' ``save_lora_weights`` does (keys
     ``unet.<module>.lora_{A,B}.weight``, the LoraConfig in the metadata)."""
     from diffusers import StableDiffusionPipeline
