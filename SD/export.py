@@ -5,6 +5,7 @@
   python export.py --snapshot ... --out ... --push-to-hub my-user/sfd-brad-pitt     (after `hf auth login`)
 
 Load it with:  DiffusionPipeline.from_pretrained("export/sfd-brad-pitt", trust_remote_code=True)
+A LoRA-mode snapshot gives the merged pipeline and, in forget_adapter/, the adapter alone (load_lora_weights).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ FILE = click.Path(exists=True, dir_okay=False)
                                                       "max_content_width": 110})
 @option("--snapshot", group="Input", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
         help="Generator snapshot folder (network-snapshot-*) written by train.py.")
+@option("--generator-base", group="Input", default=None, metavar="DIR|teacher",
+        help="For a LoRA-mode snapshot: the generator start it was trained on. Default: the one the snapshot records.")
 @option("--sd-model", group="Input", default=None, metavar="ID|DIR",
         help="Base model for tokenizer, text encoder, VAE and scheduler. Default: the snapshot's.")
 @option("--revision", group="Input", default=None, metavar="REV", help="Hub revision of --sd-model.")
@@ -35,14 +38,15 @@ FILE = click.Path(exists=True, dir_okay=False)
 @option("--push-to-hub", "repo_id", group="Output", default=None, metavar="REPO",
         help="Also upload the folder to this Hub repository (needs `hf auth login`).")
 @option("--private/--public", group="Output", default=True, help="Visibility of a repository --push-to-hub creates.")
-def main(snapshot, sd_model, revision, eval_jsons, out, base_model_id, license_id, repo_id, private):
+def main(snapshot, generator_base, sd_model, revision, eval_jsons, out, base_model_id, license_id, repo_id, private):
     """Write a diffusers pipeline folder (one-step SFD generator + base model parts + model card)."""
     from sfd_sd.export import ExportError, export, push_to_hub
     from sfd_sd.models import ModelLoadError
 
     try:
         folder = export(snapshot, out, sd_model=sd_model, revision=revision, base_model_id=base_model_id,
-                        license_id=license_id, eval_jsons=eval_jsons, repo_hint=repo_id)
+                        license_id=license_id, eval_jsons=eval_jsons, repo_hint=repo_id,
+                        generator_base=generator_base)
         click.echo(f"wrote {folder} (load: DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True))")
         if repo_id:
             click.echo(f"uploaded: {push_to_hub(folder, repo_id, private)}")

@@ -10,7 +10,9 @@ images of one network and one set of settings: adding to a folder written otherw
       --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sfd
   python generate.py --network teacher --prompts prompts/brad_pitt_prompts_val.txt --seeds 0-19 --outdir out/sd15
 
---network also takes a folder written by export.py (its unet/ is the generator).
+--network also takes a folder written by export.py (its unet/ is the generator), and a LoRA-mode
+snapshot or an exported forget_adapter/ folder (the adapter is added to its generator start, see
+--generator-base).
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ from sfd_sd.prompts import PromptError
 
 @click.command(cls=GroupedCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @option("--network", group="Model", required=True, metavar="DIR|teacher",
-        help="Generator snapshot folder (network-snapshot-*) or export.py folder, or 'teacher' for the original "
-             "model's sampler.")
+        help="Generator snapshot folder (network-snapshot-*), export.py folder or LoRA adapter folder (a LoRA-mode "
+             "snapshot or an export's forget_adapter/), or 'teacher' for the original model's sampler.")
+@option("--generator-base", group="Model", default=None, metavar="DIR|teacher",
+        help="For a LoRA adapter: the generator start it was trained on (the converted SiD-LSG folder). Default: "
+             "the one its sfd_generator.json records.")
 @option("--sd-model", group="Model", default=None, metavar="ID|DIR",
         help=f"Base model for tokenizer, text encoder and VAE. Default: the snapshot's, else {DEFAULT_SD_MODEL}.")
 @option("--revision", group="Model", default=None, metavar="REV", help="Hub revision of --sd-model.")
@@ -49,12 +54,13 @@ from sfd_sd.prompts import PromptError
 @option("--outdir", group="I/O", type=click.Path(), required=True, help="Output folder.")
 @option("--overwrite", group="I/O", is_flag=True, default=False,
         help="Start clean: delete the images and manifest a previous generate.py run left in --outdir.")
-def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init, steps, guidance, negative_prompt,
+def main(network, generator_base, sd_model, revision, prompt_files, prompt_texts, seeds, t_init, steps, guidance, negative_prompt,
          resolution, batch, precision, device, outdir, overwrite):
     """Images for prompts x seeds (one step from a snapshot, or the teacher's multi-step sampler)."""
     from sfd_sd import distributed
     from sfd_sd.generation import (OneStepSampler, OutputError, TeacherSampler, merge_manifest, prepare_outdir,
                                    prompt_dirs, work_batches, write_manifest)
+    from sfd_sd.lora import generator_base_of, is_adapter_folder
     from sfd_sd.models import check_model_source, read_snapshot_info, unet_folder
     from sfd_sd.prompts import read_prompt_file
 
@@ -64,9 +70,14 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
             raise PromptError("give --prompts FILE or --prompt TEXT")
         prompts = list(dict.fromkeys(prompts))
         dirs = prompt_dirs(prompts)
-        if network != "teacher":  # a VAE or run folder is refused here, before any output or model
+        adapter = network != "teacher" and is_adapter_folder(network)
+        if network != "teacher" and not adapter:  # a VAE or run folder is refused here, before any output or model
             unet_folder(network, "--network")
         info = {} if network == "teacher" else read_snapshot_info(Path(network))
+        if adapter:
+            generator_base = generator_base_of(info, generator_base, "--network")
+        elif generator_base is not None:
+            raise click.BadParameter("only for a LoRA adapter folder", param_hint="--generator-base")
         sd_model = sd_model or info.get("sd_model") or DEFAULT_SD_MODEL
         revision = revision or info.get("revision")
         check_model_source(sd_model)  # offline with a hub id: one line now, not after the output folder
@@ -82,6 +93,9 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
                           precision=precision)
         provenance.update(dict(steps=steps, guidance=guidance, negative_prompt=negative_prompt)
                           if network == "teacher" else dict(t_init=t_init))
+        if adapter:
+            provenance["generator_base"] = generator_base if generator_base == "teacher" else \
+                str(Path(generator_base).resolve())
         out = Path(outdir)
         previous = prepare_outdir(out, dirs, provenance, overwrite) if dist.is_main else None
         dist.barrier()
@@ -90,7 +104,7 @@ def main(network, sd_model, revision, prompt_files, prompt_texts, seeds, t_init,
             sampler = TeacherSampler(sd_model, revision, steps, guidance, negative_prompt, resolution, dist.device, dtype)
         else:
             sampler = OneStepSampler(network, sd_model, revision, t_init, resolution, dist.device,
-                                     None if dtype == torch.float32 else dtype)
+                                     None if dtype == torch.float32 else dtype, generator_base if adapter else None)
     except (PromptError, ModelLoadError, OutputError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 

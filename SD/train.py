@@ -61,6 +61,9 @@ def main(config_path, overrides, resume, allow_changed_settings, dry_run, list_k
                                     val_prompts=len(val), example_pair=list(sampler.pairs[0]))
             except PromptError as exc:
                 cfg.resolved.update(prompts=f"NOT READ: {exc}")
+            from sfd_sd.memory import plan_for_config
+
+            cfg.resolved["memory_plan"] = plan_for_config(cfg)  # computed for SD v1.5, nothing loaded
             click.echo(json.dumps(cfg.to_json(), indent=2))
             return
         from sfd_sd import distributed

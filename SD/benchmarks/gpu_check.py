@@ -6,14 +6,19 @@ Builds teacher, fake score and generator from ``benchmarks/sd15_unet_config.json
 weights (no download), and times the real training step (``sfd_sd.training.SFDStep``: fake-score step,
 generator step, the repository's prompt files, kappa 4.5, prompt dropout) as train.py sets it up: teacher
 and text encoder stored in bf16, fake score and generator fp32 master weights with Adam, bf16 autocast.
-For each per-GPU batch and gradient-checkpointing setting it records iterations/s and the peak memory
-(CUDA: max allocated and reserved; CPU: max RSS of the process), written as JSON.
+With ``--adapter lora`` (default: both modes) it builds the LoRA mode as train.py's ``adapter=lora`` does
+(teacher and generator start frozen in bf16, fake score = the teacher's weights + an adapter, generator =
+start + adapter, Adam over adapter tensors only). For each mode, per-GPU batch and gradient-checkpointing
+setting it records iterations/s and the peak memory (CUDA: max allocated and reserved; CPU: max RSS of
+the process), written as JSON with the computed plan (sfd_sd/memory.py) of the same settings beside it.
 
-  python benchmarks/gpu_check.py --out gpu_check.json                   # 512 px, batch 1 and 2, ckpt on/off
+  python benchmarks/gpu_check.py --out gpu_check.json                   # full and lora, batch 1 and 2, ckpt on/off
+  python benchmarks/gpu_check.py --adapter lora --out lora.json         # LoRA mode only (one 24 GB GPU)
   python benchmarks/gpu_check.py --unet-config tiny.json --resolution 64 --iters 2 --out t.json   # CPU smoke
 
 Random weights give the same cost as trained ones (no data-dependent control flow); the losses are not
-meaningful. Sized to finish within a few minutes on one large GPU (4 settings x (build + warm-up + iters)).
+meaningful. Sized to finish within a few minutes on one large GPU (2 modes x 4 settings x (build + warm-up +
+iters)); a 24 GB GPU measures the LoRA mode (``--adapter lora``), the full mode needs ~40 GB.
 """
 from __future__ import annotations
 
@@ -97,25 +102,44 @@ def sd_alphas_cumprod() -> torch.Tensor:
 
 
 def build_step(unet_config: dict, resolution: int, batch_gpu: int, grad_ckpt: bool, device: torch.device,
-               amp_dtype: torch.dtype | None, seed: int = 0) -> tuple[SFDStep, int]:
-    """An SFDStep wired as train.py wires it (one process); returns it and the UNet's parameter count."""
+               amp_dtype: torch.dtype | None, seed: int = 0, adapter: str = "full",
+               lora_rank: int = 16) -> tuple[SFDStep, int]:
+    """An SFDStep wired as train.py wires it (one process); returns it and the UNet's parameter count.
+    ``adapter="lora"``: teacher and generator start frozen in bf16, fake score = teacher + adapter,
+    generator = start + adapter (sfd_sd/lora.py), as train.py's adapter=lora."""
     from diffusers import UNet2DConditionModel
 
     cfg = TrainConfig(remain_prompts=str(PROMPTS / "remain_prompts_small.txt"),
                       forget_prompts=str(PROMPTS / "brad_pitt_prompts.txt"), concept_to_forget="brad pitt",
                       concept_to_override="a middle aged man", resolution=resolution, batch=batch_gpu,
-                      batch_gpu=batch_gpu, grad_checkpointing=grad_ckpt, seed=seed)
+                      batch_gpu=batch_gpu, grad_checkpointing=grad_ckpt, seed=seed, adapter=adapter,
+                      lora_rank=lora_rank, lora_alpha=float(lora_rank))
     cfg.check()
     sampler, _, _ = build_prompt_sampler(cfg)
     frozen = amp_dtype or torch.float32
     torch.manual_seed(seed)
-    with torch.device(device):
-        fake_unet = UNet2DConditionModel(**unet_config)  # fp32 master weights, like the generator
-        gen_unet = UNet2DConditionModel(**unet_config)
-        teacher_unet = UNet2DConditionModel(**unet_config).to(frozen)
-        text_encoder = text_encoder_for(unet_config["cross_attention_dim"]).to(frozen)
-    for unet in (teacher_unet, fake_unet, gen_unet):
-        models.configure_unet(unet, "sdpa", grad_ckpt)
+    trained = {}
+    if adapter == "lora":
+        from sfd_sd import lora
+
+        with torch.device(device):
+            teacher_unet = UNet2DConditionModel(**unet_config).to(frozen)
+            start = UNet2DConditionModel(**unet_config).to(frozen)
+            text_encoder = text_encoder_for(unet_config["cross_attention_dim"]).to(frozen)
+        for unet in (teacher_unet, start):
+            models.configure_unet(unet, "sdpa", grad_ckpt)
+        teacher_unet, fake_unet, gen_unet, trained["fake_params"], trained["gen_params"] = lora.build_lora_nets(
+            teacher_unet, start, cfg, frozen, device, share_generator_base=False)
+        for unet in (fake_unet, gen_unet):
+            models.configure_unet(unet, "sdpa", grad_ckpt)
+    else:
+        with torch.device(device):
+            fake_unet = UNet2DConditionModel(**unet_config)  # fp32 master weights, like the generator
+            gen_unet = UNet2DConditionModel(**unet_config)
+            teacher_unet = UNet2DConditionModel(**unet_config).to(frozen)
+            text_encoder = text_encoder_for(unet_config["cross_attention_dim"]).to(frozen)
+        for unet in (teacher_unet, fake_unet, gen_unet):
+            models.configure_unet(unet, "sdpa", grad_ckpt)
     teacher_unet.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
     tokenizer = HashTokenizer(text_encoder.config.vocab_size, text_encoder.config.max_position_embeddings)
@@ -125,17 +149,17 @@ def build_step(unet_config: dict, resolution: int, batch_gpu: int, grad_ckpt: bo
     def mk(u):
         return GuidedDenoiser(u, schedule, encoder, "epsilon", amp_dtype)
 
-    nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=None)
+    nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=None, **trained)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
     opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for(precision))
-    opt_fake = torch.optim.Adam(fake_unet.parameters(), lr=cfg.lr_fake, **opt_kw)
-    opt_gen = torch.optim.Adam(gen_unet.parameters(), lr=cfg.lr_gen, **opt_kw)
+    opt_fake = torch.optim.Adam(nets.params("fake"), lr=cfg.lr_fake, **opt_kw)
+    opt_gen = torch.optim.Adam(nets.params("gen"), lr=cfg.lr_gen, **opt_kw)
     scalers = [torch.amp.GradScaler(device.type, enabled=False) for _ in range(2)]
     latent = resolution // 8  # SD's VAE downsamples by 8
     step = SFDStep(cfg, nets, sampler, guidance_settings(cfg), Dist(device=device), opt_fake, opt_gen, *scalers,
                    torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed + 1),
                    (unet_config["in_channels"], latent, latent), precision)
-    return step, sum(p.numel() for p in gen_unet.parameters())
+    return step, sum(p.numel() for n, p in gen_unet.named_parameters() if ".lora_" not in n)
 
 
 def _sync(device: torch.device) -> None:
@@ -169,7 +193,7 @@ def measure(step: SFDStep, warmup: int, iters: int, device: torch.device) -> dic
     return out
 
 
-def memory_plan_gib(n_unet: int, n_text: int, n_vae: int = 83_653_863) -> dict:
+def memory_plan_gib(n_unet: int, n_text: int, n_vae: int = 83_653_863) -> dict:  # full mode, as in the README
     """The README's computed plan (static part and the transients), for comparison with the measurement."""
     static = dict(teacher_bf16=2 * n_unet, fake_fp32_grad_adam=16 * n_unet, generator_fp32_grad_adam=16 * n_unet,
                   text_encoder_bf16=2 * n_text, vae_fp32=4 * n_vae)
@@ -199,13 +223,16 @@ def _free(device: torch.device) -> None:
 @click.option("--batch-gpu", "batches", default="1,2", help="Per-GPU batches to measure (comma-separated).")
 @click.option("--checkpointing", "ckpts", type=click.Choice(["on,off", "on", "off"]), default="on,off",
               help="Gradient checkpointing settings to measure.")
+@click.option("--adapter", "adapters", type=click.Choice(["full", "lora", "full,lora"]), default="full,lora",
+              help="Training mode(s) to measure: full UNets (the paper's) and/or LoRA adapters (adapter=lora).")
+@click.option("--lora-rank", type=click.IntRange(1, 1024), default=16, help="LoRA rank for --adapter lora.")
 @click.option("--warmup", type=click.IntRange(min=1), default=3, help="Untimed iterations per setting.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, help="Timed iterations per setting.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16",
               help="bf16 autocast with fp32 master weights (train.py's default on GPUs), or fp32.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, metavar="JSON", help="Where to write the results.")
-def main(unet_config, resolution, batches, ckpts, warmup, iters, precision, device, out):
+def main(unet_config, resolution, batches, ckpts, adapters, lora_rank, warmup, iters, precision, device, out):
     """Measure SFD iterations/s and peak memory per per-GPU batch and checkpointing setting."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -224,27 +251,36 @@ def main(unet_config, resolution, batches, ckpts, warmup, iters, precision, devi
         torch=torch.__version__, diffusers=__import__("diffusers").__version__, unet_config=str(unet_config),
         resolution=resolution, precision=f"{precision} autocast, fp32 master weights" if amp_dtype else "fp32",
         warmup=warmup, iters=iters, runs=[])
-    for batch in batch_list:
-        for ckpt in ckpts.split(","):
-            run = dict(batch_gpu=batch, grad_checkpointing=ckpt == "on")
-            t0 = time.perf_counter()
-            step = None
-            try:
-                step, n_unet = build_step(config, resolution, batch, ckpt == "on", device, amp_dtype)
-                result.setdefault("unet_params", n_unet)
-                run.update(measure(step, warmup, iters, device))
-            except torch.cuda.OutOfMemoryError as exc:
-                run.update(oom=True, error=str(exc).splitlines()[0])
-            run["wall_sec"] = time.perf_counter() - t0
-            result["runs"].append(run)
-            click.echo(json.dumps(run), err=True)
-            write_json(out, result)  # after every setting: a run cut short still leaves its results
-            del step
-            _free(device)
+    settings = [(a, b, c) for a in adapters.split(",") for b in batch_list for c in ckpts.split(",")]
+    for adapter, batch, ckpt in settings:
+        run = dict(adapter=adapter, batch_gpu=batch, grad_checkpointing=ckpt == "on")
+        t0 = time.perf_counter()
+        step = None
+        try:
+            step, n_unet = build_step(config, resolution, batch, ckpt == "on", device, amp_dtype,
+                                      adapter=adapter, lora_rank=lora_rank)
+            if adapter == "lora":
+                run["adapter_parameters"] = sum(p.numel() for p in step.nets.params("gen"))
+            result.setdefault("unet_params", n_unet)
+            run.update(measure(step, warmup, iters, device))
+        except torch.cuda.OutOfMemoryError as exc:
+            run.update(oom=True, error=str(exc).splitlines()[0])
+        run["wall_sec"] = time.perf_counter() - t0
+        result["runs"].append(run)
+        click.echo(json.dumps(run), err=True)
+        write_json(out, result)  # after every setting: a run cut short still leaves its results
+        del step
+        _free(device)
     if "unet_params" in result:
         with torch.device("meta"):  # only the parameter count
             text = text_encoder_for(config["cross_attention_dim"])
         result["memory_plan_gib"] = memory_plan_gib(result["unet_params"], sum(p.numel() for p in text.parameters()))
+        from sfd_sd import memory
+
+        n_adapter = memory.adapter_parameters(["to_q", "to_k", "to_v", "to_out.0"], lora_rank, config)
+        result["memory_plan_gb"] = [memory.plan(a, b, c == "on", n_adapter, resolution, n_unet=result["unet_params"],
+                                                n_text=sum(p.numel() for p in text.parameters()))
+                                    for a, b, c in settings]
     write_json(out, result)
     click.echo(json.dumps(result, indent=2))
 

@@ -11,6 +11,8 @@ One module per idea:
 - ``terms``       which prompts reach generator, fake score and teacher in each of the four terms;
 - ``losses``      fake-score DSM loss and SiD generator loss, NaN-sample dropping;
 - ``training``    the alternating training loop, in named steps (inputs, build, run dir, loop, outputs);
+- ``lora``        LoRA mode (adapter=lora): adapters on fake score and generator, adapter files (peft);
+- ``memory``      the computed GPU memory plan of full and LoRA mode;
 - ``checkpoints`` atomic writes, generator snapshots (diffusers folders), exact-resume state, run lock;
 - ``images``      decoding latents and saving grids/PNGs;
 - ``distributed`` one process or torchrun, CPU (gloo) or CUDA (NCCL).

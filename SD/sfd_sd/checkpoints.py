@@ -51,7 +51,12 @@ def save_generator_snapshot(unet: torch.nn.Module, folder: Path, info: dict) -> 
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        unet.save_pretrained(tmp, safe_serialization=True)
+        if info.get("adapter") == "lora":  # the LoRA mode's generator adapter alone (lora.py)
+            from .lora import save_adapter
+
+            save_adapter(unet, tmp, info)
+        else:
+            unet.save_pretrained(tmp, safe_serialization=True)
         (tmp / "sfd_generator.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         if folder.exists():
             shutil.rmtree(folder)

@@ -51,6 +51,16 @@ class TrainConfig:
                                    "by convert_sid_lsg.py (the paper's setting), or 'teacher' (a copy of the teacher "
                                    "UNet; not the paper's setting). Required", "Model")
     resolution: int = K(512, "image resolution in pixels (latents are resolution/8)", "Model")
+    adapter: str = K("full", "full = fake score and generator are whole trainable UNets (the paper's setting); lora = "
+                     "both are frozen UNets with a trainable LoRA adapter (peft): the fake score is the teacher's "
+                     "weights + an adapter, the generator the generator start + its own adapter (README: 'LoRA "
+                     "mode')", "Model", ("full", "lora"))
+    lora_rank: int = K(16, "LoRA rank r (adapter=lora)", "Model")
+    lora_alpha: float = K(16.0, "LoRA alpha; the adapter's update is scaled by alpha / r (adapter=lora)", "Model")
+    lora_targets: list[str] = K(["to_q", "to_k", "to_v", "to_out.0"], "module names (suffixes) that get an adapter "
+                                "(adapter=lora); the default: the attention projections of every UNet transformer "
+                                "block", "Model")
+    lora_dropout: float = K(0.0, "dropout on the adapter's input (adapter=lora; 0 = off)", "Model")
     # Prompts
     remain_prompts: str | None = K(None, "remain prompts, one per line (the authors: LAION-Aesthetics 6+ captions; "
                                    "build the file with prepare_remain_prompts.py). Required", "Prompts")
@@ -157,6 +167,8 @@ class TrainConfig:
             raise ConfigError(f"need t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.sid_w_neg and not self.negative_prompts:
             raise ConfigError("sid_w_neg needs negative_prompts")
+        if self.adapter == "lora" and not self.lora_targets:
+            raise ConfigError("adapter=lora needs at least one module name in lora_targets")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
 
@@ -232,7 +244,11 @@ RANGES: dict[str, Range] = {
     "grid_cols": Range(1, 16),
     "seed": Range(0, 2**32 - 1),  # 32 bits: seed * 1_000_003 + rank + images seen stays a valid torch seed
     # Model, performance, I/O
-    "resolution": Range(8),  # and a multiple of 8 (the VAE factor), checked in TrainConfig.check()
+    "resolution": Range(8),
+    # LoRA mode (adapter=lora)
+    "lora_rank": Range(1, 1024),  # r: 1 is the smallest adapter; above 1024 it is bigger than the layers it adapts
+    "lora_alpha": POSITIVE,  # the update is scaled by alpha / r; 0 would switch the adapter off
+    "lora_dropout": Range(0, 1, hi_open=True),  # a probability; 1 would drop every input  # and a multiple of 8 (the VAE factor), checked in TrainConfig.check()
     "text_cache": NON_NEGATIVE,
     "keep_states": NON_NEGATIVE,  # 0 = keep all
 }
@@ -310,14 +326,19 @@ def _check_value(key: str, value):
     elif typing.get_origin(base) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        value = [_check_value_item(key, v) for v in value]
+        item = typing.get_args(base)[0]
+        value = [_check_value_item(key, v, item) for v in value]
     choices = next(f for f in dataclasses.fields(TrainConfig) if f.name == key).metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
-def _check_value_item(key, v):
+def _check_value_item(key, v, item=float):
+    if item is str:
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{key} must hold non-empty strings, got {v!r}")
+        return v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{key} must hold numbers, got {v!r}")
     return float(v)

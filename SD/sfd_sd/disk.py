@@ -84,6 +84,14 @@ def unet_parameters(sd_model: str, revision: str | None) -> int:
 def plan_for_run(cfg, start_nimg: int) -> DiskPlan:
     """The disk plan of a training run, before any model is loaded (fp32 UNets, Adam, optional EMA)."""
     fp32 = 4 * unet_parameters(cfg.sd_model, cfg.revision)
+    if getattr(cfg, "adapter", "full") == "lora":  # states and snapshots hold adapter tensors only
+        from diffusers import UNet2DConditionModel
+
+        from .memory import adapter_parameters
+
+        config = UNet2DConditionModel.load_config(cfg.sd_model, subfolder="unet", revision=cfg.revision)
+        fp32 = 4 * adapter_parameters(cfg.lora_targets, cfg.lora_rank,
+                                      {k: v for k, v in config.items() if not k.startswith("_")})
     total, snap, state = (max(int(round(k * 1000)), 1) for k in (cfg.duration_kimg, cfg.snap_kimg, cfg.state_kimg))
     one_state = 2 * 3 * fp32 + (fp32 if cfg.ema_halflife_kimg > 0 else 0)  # fake + generator (w, m, v), EMA
     return DiskPlan(state_bytes=one_state, snapshot_bytes=fp32, states=count_crossings(start_nimg, total, state),

@@ -50,9 +50,16 @@ class OneStepSampler:
     """Generator snapshot -> images in one network evaluation (docs/method.md section 3, G_theta)."""
 
     def __init__(self, network: str | Path, sd_model: str, revision: str | None, t_init: int,
-                 resolution: int, device: torch.device, amp_dtype: torch.dtype | None):
-        parts = models.load_sd_parts(sd_model, revision, load_unet=False)
-        unet = models.load_unet(network, "--network", parts.text_encoder, parts.vae.config.latent_channels)
+                 resolution: int, device: torch.device, amp_dtype: torch.dtype | None,
+                 generator_base: str | None = None):
+        if generator_base is not None:  # a LoRA adapter (lora.py): its generator start + the adapter, merged
+            from .lora import load_adapter_generator
+
+            parts = models.load_sd_parts(sd_model, revision)
+            unet = load_adapter_generator(network, parts.unet, generator_base)
+        else:
+            parts = models.load_sd_parts(sd_model, revision, load_unet=False)
+            unet = models.load_unet(network, "--network", parts.text_encoder, parts.vae.config.latent_channels)
         models.configure_unet(unet, "sdpa", False)
         self.vae = parts.vae.to(device)
         encoder = PromptEncoder(parts.tokenizer, parts.text_encoder.to(device), device)

@@ -19,11 +19,15 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from PIL import Image
 
 
-class SFDOneStepPipeline(DiffusionPipeline):
-    """Text -> image in one network evaluation of an SFD (SiD-style) one-step generator."""
+class SFDOneStepPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Text -> image in one network evaluation of an SFD (SiD-style) one-step generator.
+
+    ``load_lora_weights`` (diffusers' SD LoRA loader) adds a forget-adapter of the LoRA mode to the
+    generator start it was trained on."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 

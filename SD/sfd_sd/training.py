@@ -88,6 +88,23 @@ class Nets:
     fake: GuidedDenoiser
     generator: GuidedDenoiser
     ema: torch.nn.Module | None
+    # The trained tensors of fake score, generator and EMA; None = every parameter of the net (full mode).
+    # In LoRA mode (lora.py) they are the adapter tensors only: the rest of each net stays frozen.
+    fake_params: list | None = None
+    gen_params: list | None = None
+    ema_params: list | None = None
+
+    def params(self, which: str) -> list[torch.nn.Parameter]:
+        explicit = {"fake": self.fake_params, "gen": self.gen_params, "ema": self.ema_params}[which]
+        if explicit is not None:
+            return explicit
+        module = {"fake": self.fake.unet, "gen": self.generator.unet, "ema": self.ema}[which]
+        return list(module.parameters()) if module is not None else []
+
+
+def _set_trainable(params, flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)
 
 
 class SFDStep:
@@ -137,8 +154,7 @@ class SFDStep:
         self._backward(loss, kept, weight, scaler)
         return value, len(per) - kept
 
-    def _finish(self, module, opt, scaler, clip: float):
-        params = [p for p in module.parameters() if p.requires_grad]
+    def _finish(self, params, opt, scaler, clip: float):
         self.dist.average_gradients(params)
         scaler.unscale_(opt)  # records overflow for fp16 loss scaling before cleaning
         clean_gradients_(params)
@@ -152,7 +168,8 @@ class SFDStep:
     def fake_step(self, cur_nimg: int = 0) -> dict[str, float]:
         cfg, nets, n = self.cfg, self.nets, self.micro
         fake_unet = nets.fake.unet
-        fake_unet.train().requires_grad_(True)
+        fake_unet.train()
+        _set_trainable(nets.params("fake"), True)
         self.opt_fake.zero_grad(set_to_none=True)
         p_drop = self.g.dropout if self.g.dropout_active else 0.0
         out = {"loss_fake_remain": 0.0, "loss_fake_forget": 0.0, "dropped_samples": 0}
@@ -172,15 +189,16 @@ class SFDStep:
                 out["loss_" + term] += value
                 out["dropped_samples"] += dropped
         self._check_finite(bad, cur_nimg)
-        self._finish(fake_unet, self.opt_fake, self.scaler_fake, self.clip_fake)
+        self._finish(nets.params("fake"), self.opt_fake, self.scaler_fake, self.clip_fake)
         fake_unet.eval()
         return out
 
     def generator_step(self, cur_nimg: int = 0) -> dict[str, float]:
         cfg, nets, n = self.cfg, self.nets, self.micro
         gen_unet, fake_unet = nets.generator.unet, nets.fake.unet
-        fake_unet.requires_grad_(False)
-        gen_unet.train().requires_grad_(True)
+        _set_trainable(nets.params("fake"), False)
+        gen_unet.train()
+        _set_trainable(nets.params("gen"), True)
         self.opt_gen.zero_grad(set_to_none=True)
         out = {"loss_gen_remain": 0.0, "loss_gen_forget": 0.0, "dropped_samples": 0}
         bad: list[str] = []
@@ -202,9 +220,9 @@ class SFDStep:
                 out["loss_" + term] += value
                 out["dropped_samples"] += dropped
         self._check_finite(bad, cur_nimg)
-        self._finish(gen_unet, self.opt_gen, self.scaler_gen, self.clip_gen)
+        self._finish(nets.params("gen"), self.opt_gen, self.scaler_gen, self.clip_gen)
         gen_unet.eval()
-        fake_unet.requires_grad_(True)
+        _set_trainable(nets.params("fake"), True)
         return out
 
     @torch.no_grad()
@@ -216,7 +234,7 @@ class SFDStep:
         if self.cfg.ema_rampup:
             halflife = min(halflife, cur_nimg * self.cfg.ema_rampup)
         beta = 0.5 ** (self.cfg.batch / max(halflife, 1e-8))
-        for p_ema, p in zip(self.nets.ema.parameters(), self.nets.generator.unet.parameters()):
+        for p_ema, p in zip(self.nets.params("ema"), self.nets.params("gen"), strict=True):
             p_ema.copy_(p.detach().lerp(p_ema, beta))
 
     def __call__(self, cur_nimg: int) -> dict[str, float]:
@@ -391,8 +409,17 @@ class Run:
     def state_dict(self) -> dict:
         """Everything exact resume needs, as tensors and plain values (rank 0's weights)."""
         ema = self.nets.ema
-        return dict(fake_score=self.nets.fake.unet.state_dict(), generator=self.nets.generator.unet.state_dict(),
-                    generator_ema=None if ema is None else ema.state_dict(),
+        if self.cfg.adapter == "lora":  # adapter tensors only (the bases are the model files), + the global RNG
+            from .lora import adapter_state  # that lora_dropout draws from
+
+            nets = dict(fake_score=adapter_state(self.nets.fake.unet), generator=adapter_state(self.nets.generator.unet),
+                        generator_ema=None if ema is None else adapter_state(ema),
+                        torch_rng=torch.random.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None)
+        else:
+            nets = dict(fake_score=self.nets.fake.unet.state_dict(), generator=self.nets.generator.unet.state_dict(),
+                        generator_ema=None if ema is None else ema.state_dict())
+        return dict(**nets,
                     opt_fake=self.opt_fake.state_dict(), opt_gen=self.opt_gen.state_dict(),
                     scaler_fake=self.scaler_fake.state_dict(), scaler_gen=self.scaler_gen.state_dict(),
                     cur_nimg=self.cur_nimg, config=json.dumps(self.cfg.to_json()))
@@ -420,25 +447,42 @@ def build(cfg: TrainConfig, dist: distributed.Dist, precision: str) -> Run:
         raise ConfigError(f"--resolution {cfg.resolution} is not a multiple of the VAE factor {vae_scale}")
     latent_shape = (parts.unet.config.in_channels, cfg.resolution // vae_scale, cfg.resolution // vae_scale)
 
-    fake_unet = _to(copy.deepcopy(parts.unet), device, torch.float32)  # fp32 master weights
-    teacher_unet = _to(parts.unet, device, frozen_dtype)  # frozen: stored in the autocast dtype
-    gen_unet = _to(gen_unet, device, torch.float32)
-    for unet in (teacher_unet, fake_unet, gen_unet):
-        models.configure_unet(unet, cfg.attention, cfg.grad_checkpointing)
+    trained = dict(fake_params=None, gen_params=None, ema_params=None)
+    if cfg.adapter == "lora":  # frozen bases in the autocast dtype, fp32 adapters (lora.py)
+        from . import lora
+
+        for unet in (parts.unet, gen_unet):  # before the adapters go in: the attention processors are set
+            models.configure_unet(unet, cfg.attention, cfg.grad_checkpointing)
+        teacher_unet, fake_unet, gen_unet, trained["fake_params"], trained["gen_params"] = lora.build_lora_nets(
+            parts.unet, gen_unet, cfg, frozen_dtype, device, share_generator_base=cfg.generator_init == "teacher")
+        for unet in (fake_unet, gen_unet):
+            models.configure_unet(unet, cfg.attention, cfg.grad_checkpointing)
+    else:
+        fake_unet = _to(copy.deepcopy(parts.unet), device, torch.float32)  # fp32 master weights
+        teacher_unet = _to(parts.unet, device, frozen_dtype)  # frozen: stored in the autocast dtype
+        gen_unet = _to(gen_unet, device, torch.float32)
+        for unet in (teacher_unet, fake_unet, gen_unet):
+            models.configure_unet(unet, cfg.attention, cfg.grad_checkpointing)
     teacher_unet.requires_grad_(False).eval()
     text_encoder = _to(parts.text_encoder, device, frozen_dtype)
     schedule = VPSchedule(parts.alphas_cumprod)
     encoder = PromptEncoder(parts.tokenizer, text_encoder, device, frozen_dtype, cfg.text_cache)
     mk = lambda u: GuidedDenoiser(u, schedule, encoder, parts.prediction_type, amp_dtype)  # noqa: E731
-    ema_unet = copy.deepcopy(gen_unet).eval().requires_grad_(False) if cfg.ema_halflife_kimg > 0 else None
-    nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=ema_unet)
+    ema_unet = None
+    if cfg.ema_halflife_kimg > 0 and cfg.adapter == "lora":
+        ema_unet, trained["ema_params"] = lora.ema_copy(gen_unet)  # the same base, its own adapter copy
+    elif cfg.ema_halflife_kimg > 0:
+        ema_unet = copy.deepcopy(gen_unet).eval().requires_grad_(False)
+    nets = Nets(teacher=mk(teacher_unet), fake=mk(fake_unet), generator=mk(gen_unet), ema=ema_unet, **trained)
 
+    if cfg.adapter == "lora" and cfg.lora_dropout > 0:  # peft's dropout draws from the global stream: seeded
+        torch.manual_seed(cfg.seed * 1_000_003 + 104_729 + dist.rank)  # here, saved in the state (exact resume)
     opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for(precision))
     use_scaler = precision == "fp16"
     return Run(cfg=cfg, dist=dist, precision=precision, nets=nets, vae=_to(parts.vae, device, torch.float32),
                schedule=schedule, latent_shape=latent_shape, make_denoiser=mk,
-               opt_fake=torch.optim.Adam(fake_unet.parameters(), lr=cfg.lr_fake, **opt_kw),
-               opt_gen=torch.optim.Adam(gen_unet.parameters(), lr=cfg.lr_gen, **opt_kw),
+               opt_fake=torch.optim.Adam(nets.params("fake"), lr=cfg.lr_fake, **opt_kw),
+               opt_gen=torch.optim.Adam(nets.params("gen"), lr=cfg.lr_gen, **opt_kw),
                scaler_fake=torch.amp.GradScaler(device.type, enabled=use_scaler),
                scaler_gen=torch.amp.GradScaler(device.type, enabled=use_scaler),
                prompt_gen=torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank),
@@ -448,12 +492,22 @@ def build(cfg: TrainConfig, dist: distributed.Dist, precision: str) -> Run:
 def restore(run: Run, state: dict) -> None:
     """Load a training state into ``run`` (weights, Adam, scalers, this rank's random streams)."""
     nets, dist, cfg = run.nets, run.dist, run.cfg
-    nets.fake.unet.load_state_dict(state["fake_score"])
-    nets.generator.unet.load_state_dict(state["generator"])
+    if cfg.adapter == "lora":
+        from .lora import load_adapter_state
+
+        load = lambda module, sd, what: load_adapter_state(module, sd, f"--resume [{what}]")  # noqa: E731
+        if state.get("torch_rng") is not None:
+            torch.random.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], dist.device)
+    else:
+        load = lambda module, sd, what: module.load_state_dict(sd)  # noqa: E731
+    load(nets.fake.unet, state["fake_score"], "fake_score")
+    load(nets.generator.unet, state["generator"], "generator")
     if nets.ema is not None:
         if state.get("generator_ema") is None:
             raise ConfigError("--resume: the state has no generator EMA but ema_halflife_kimg > 0")
-        nets.ema.load_state_dict(state["generator_ema"])
+        load(nets.ema, state["generator_ema"], "generator_ema")
     run.opt_fake.load_state_dict(state["opt_fake"])
     run.opt_gen.load_state_dict(state["opt_gen"])
     run.scaler_fake.load_state_dict(state["scaler_fake"])
@@ -516,6 +570,9 @@ def write_snapshot(run: Run, nimg: int) -> None:
     net = run.nets.ema if run.nets.ema is not None else run.nets.generator.unet
     info = dict(t_init=cfg.t_init, sd_model=cfg.sd_model, revision=cfg.revision, images_seen=nimg,
                 alpha=cfg.alpha, ema=run.nets.ema is not None, resolution=cfg.resolution)
+    if cfg.adapter == "lora":  # the adapter alone (MBs); generate.py / export.py add it to the generator start
+        info.update(adapter="lora", generator_init=cfg.generator_init, lora_rank=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets))
     checkpoints.save_generator_snapshot(net, run.run_dir / f"network-snapshot-{nimg:09d}", info)
     run.reporter.images(run.grids.render(run.sampling_net(), run.run_dir, nimg), nimg)
 
@@ -525,8 +582,8 @@ def write_state(run: Run, nimg: int) -> None:
     dist, cfg = run.dist, run.cfg
     rng = dist.gather_objects({"prompt": run.prompt_gen.get_state(), "noise": run.noise_gen.get_state().cpu()})
     # Ranks must hold identical weights (gradients are averaged); catch any divergence here.
-    sums = dist.gather_objects([float(sum(p.detach().double().sum() for p in m.parameters()))
-                                for m in (run.nets.fake.unet, run.nets.generator.unet)])
+    sums = dist.gather_objects([float(sum(p.detach().double().sum() for p in run.nets.params(which)))
+                                for which in ("fake", "gen")])
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"weights differ across ranks: {sums}")
     if dist.is_main:

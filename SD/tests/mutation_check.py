@@ -21,7 +21,7 @@ from pathlib import Path
 SD = Path(__file__).resolve().parents[1]
 FAST_TESTS = ["tests/test_reference.py", "tests/test_units.py", "tests/test_checkpoints.py", "tests/test_convert.py",
               "tests/test_faults.py", "tests/test_generate.py", "tests/test_train.py", "tests/test_recipes.py",
-              "tests/test_config_ranges.py", "tests/test_preemption.py::test_no_rank_exits_75_before_rank_0_is_done",
+              "tests/test_config_ranges.py", "tests/test_lora.py", "tests/test_preemption.py::test_no_rank_exits_75_before_rank_0_is_done",
               "tests/test_evaluate.py::test_damaged_png_is_one_line_naming_the_file", "-m", "not slow"]
 
 # (name, file, original text, mutated text)
@@ -109,6 +109,17 @@ MUTATIONS = [
     # issue 26 item 5: damaged images in evaluate.py folders
     ("evaluate: damaged image passed to NudeNet", "sfd_sd/evaluation/nudity.py", "    check_readable(images.items)  #", "    pass  #"),
     ("evaluate: damaged image passed to a plug-in", "sfd_sd/evaluation/celebrity.py", "        check_readable([it for it, _ in kept])", "        pass"),
+    # issue 24: LoRA mode (adapter=lora)
+    ("lora: rank ignored", "sfd_sd/lora.py", "LoraConfig(r=cfg.lora_rank,", "LoraConfig(r=8,"),
+    ("lora: alpha ignored", "sfd_sd/lora.py", "lora_alpha=cfg.lora_alpha,", "lora_alpha=cfg.lora_rank,"),
+    ("lora: targets ignored", "sfd_sd/lora.py", "target_modules=list(cfg.lora_targets),", "target_modules=[\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"],"),
+    ("lora: dropout ignored", "sfd_sd/lora.py", "lora_dropout=cfg.lora_dropout, init_lora_weights", "lora_dropout=0.0, init_lora_weights"),
+    ("lora: base weights trainable", "sfd_sd/training.py", "        fake_unet.train()\n        _set_trainable(nets.params(\"fake\"), True)", "        fake_unet.train().requires_grad_(True)"),
+    ("lora: fake score on a copy of the teacher", "sfd_sd/lora.py", "memo = {id(t): t for t in shared}", "memo = {}"),
+    ("lora: EMA shares the generator's adapter", "sfd_sd/lora.py", "named_parameters() if \".lora_\" not in n] + list", "named_parameters()] + list"),
+    ("lora: teacher carries the adapter", "sfd_sd/lora.py", "return teacher_unet, fake.eval(), gen.eval()", "return fake, fake.eval(), gen.eval()"),
+    ("lora: dropout stream not restored", "sfd_sd/training.py", "            torch.random.set_rng_state(state[\"torch_rng\"])", "            pass"),
+    ("lora: alpha not in the adapter file", "sfd_sd/lora.py", "unet_lora_adapter_metadata=metadata(cfg_like))", "unet_lora_adapter_metadata=None)"),
     ("evaluate: empty file not named", "sfd_sd/evaluation/folders.py", "Path(path).stat().st_size == 0:", "False:"),
 ]
 

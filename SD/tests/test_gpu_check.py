@@ -42,7 +42,7 @@ def test_tiny_cpu_run_writes_every_setting(tmp_path):
     cfg.write_text(json.dumps(TINY_UNET))
     out = tmp_path / "check.json"
     res = CliRunner().invoke(gc.main, ["--unet-config", str(cfg), "--resolution", "64", "--warmup", "1",
-                                       "--iters", "1", "--device", "cpu", "--out", str(out)])
+                                       "--iters", "1", "--device", "cpu", "--adapter", "full", "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     runs = result["runs"]
@@ -86,3 +86,40 @@ def test_saved_tensors_count_shows_the_autocast_weight_copies():
     assert counts["trainable_fp32"] > counts["frozen_fp32"] > counts["frozen_bf16"] > 0
     with torch.no_grad():  # nothing is kept without autograd
         assert st.saved_bytes(unet, x, torch.tensor([500]), torch.randn(1, 77, 32), torch.bfloat16) == 0
+
+
+def test_lora_mode_runs_on_cpu_with_the_tiny_config(tmp_path):
+    """``--adapter lora``: the LoRA mode's real step (adapters only train) with its computed plan beside it."""
+    gc = gpu_check()
+    cfg = tmp_path / "tiny_unet.json"
+    cfg.write_text(json.dumps(TINY_UNET))
+    out = tmp_path / "lora.json"
+    res = CliRunner().invoke(gc.main, ["--unet-config", str(cfg), "--resolution", "64", "--warmup", "1", "--iters",
+                                       "1", "--device", "cpu", "--adapter", "lora", "--lora-rank", "4",
+                                       "--batch-gpu", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert [(r["adapter"], r["grad_checkpointing"]) for r in result["runs"]] == [("lora", True), ("lora", False)]
+    tiny_targets = sum(1 for n, _ in __import__("diffusers").UNet2DConditionModel(**TINY_UNET).named_modules()
+                       if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0"))
+    for r in result["runs"]:
+        assert r["iters_per_sec"] > 0 and r["losses_finite"] and r["peak_rss_gib"] > 0
+        assert 0 < r["adapter_parameters"] <= tiny_targets * 4 * (2 * 64)  # rank 4 x (in + out) per layer
+    plans = result["memory_plan_gb"]
+    assert [p["adapter"] for p in plans] == ["lora", "lora"] and plans[0]["adapter_parameters"] == \
+        result["runs"][0]["adapter_parameters"]
+
+
+def test_lora_build_step_trains_only_the_adapters():
+    gc = gpu_check()
+    step, n_unet = gc.build_step(TINY_UNET, 64, 1, True, torch.device("cpu"), torch.bfloat16, adapter="lora",
+                                 lora_rank=4)
+    nets = step.nets
+    assert nets.teacher.unet.dtype == torch.bfloat16  # the frozen bases are stored in bf16, adapters in fp32
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in nets.params("gen") + nets.params("fake"))
+    base = {n: p.detach().clone() for n, p in nets.generator.unet.named_parameters() if ".lora_" not in n}
+    adapters = [p.detach().clone() for p in nets.params("gen")]
+    step(0)
+    assert all(torch.equal(base[n], p) for n, p in nets.generator.unet.named_parameters() if ".lora_" not in n)
+    assert any(not torch.equal(a, p) for a, p in zip(adapters, nets.params("gen")))
+    assert n_unet == sum(p.numel() for p in nets.teacher.unet.parameters())

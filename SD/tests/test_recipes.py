@@ -83,3 +83,38 @@ def test_recipe_runs_end_to_end_on_tiny_models(config, tiny_sd_dir, converted_ge
     assert (run / "training-state-000000002.pt").is_file()
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["images_seen"] for r in log] == [2]
+
+
+LORA_CONFIGS = {  # LoRA config -> (its full-mode config, recipe, extra env)
+    "celebrity_brad_pitt_lora.yaml": ("celebrity_brad_pitt.yaml", "celebrity.sh", {}),
+    "celebrity_angelina_jolie_lora.yaml": ("celebrity_angelina_jolie.yaml", "celebrity.sh", {"CELEB": "angelina_jolie"}),
+    "nudity_lora.yaml": ("nudity.yaml", "nudity.sh", {}),
+}
+LORA_ONLY = {"adapter", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "batch_gpu", "grad_checkpointing",
+             "lr_fake", "lr_gen", "outdir"}
+
+
+@pytest.mark.parametrize("config", list(LORA_CONFIGS))
+def test_lora_config_dry_run_prints_its_settings_and_memory_plan(config, tmp_path):
+    """ADAPTER=lora picks the *_lora.yaml config (one process); the paper's method settings are kept and
+    the computed plan of the settings (SD v1.5, 512 px, bf16, per-GPU batch 1, checkpointing) is printed."""
+    from sfd_sd.config import load_config
+
+    full, name, env = LORA_CONFIGS[config]
+    res = recipe(name, dict(env, ADAPTER="lora"), "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = json.loads(res.stdout[res.stdout.index("{"):])
+    assert (cfg["adapter"], cfg["lora_rank"], cfg["lora_alpha"], cfg["batch"], cfg["batch_gpu"]) == ("lora", 16, 16.0, 8, 1)
+    assert cfg["lora_targets"] == ["to_q", "to_k", "to_v", "to_out.0"] and cfg["grad_checkpointing"] is True
+    paper = load_config(SD_DIR / "configs" / full).to_json()
+    assert {k: v for k, v in cfg.items() if k not in LORA_ONLY | {"resolved"}} == \
+        {k: v for k, v in paper.items() if k not in LORA_ONLY | {"resolved"}}
+    plan = cfg["resolved"]["memory_plan"]
+    assert plan["adapter"] == "lora" and plan["batch_gpu"] == 1 and plan["resolution"] == 512
+    assert plan["adapter_parameters"] == 3_188_736 and plan["peak_gb"] < 16 and plan["static_total_gb"] < 4.5
+    assert not list(tmp_path.iterdir())
+
+
+def test_recipe_refuses_an_unknown_adapter(tmp_path):
+    res = recipe("nudity.sh", {"ADAPTER": "qlora"}, "--dry-run", cwd=tmp_path)
+    assert res.returncode == 2 and "ADAPTER must be full or lora" in res.stderr

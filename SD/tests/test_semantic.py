@@ -40,6 +40,11 @@ def patterns() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd_dir, tmp_path_factory):
+    return make_setup(tiny_sd_dir, tmp_path_factory.mktemp("semantic"))
+
+
+def make_setup(tiny_sd_dir, folder):
+    """The exact teacher and the prompt files (also used by the LoRA mode's test, tests/test_lora.py)."""
     from gaussian_text import GaussianTextScore
 
     from sfd_sd.denoiser import PromptEncoder, VPSchedule
@@ -55,40 +60,56 @@ def setup(tiny_sd_dir, tmp_path_factory):
     teacher.fit(hidden, means, DATA_STD ** 2).requires_grad_(False).eval()
     fitted_mean, fitted_var = teacher.stats(hidden)
     assert (fitted_mean - means.flatten(1)).abs().max() < 1e-3 and torch.allclose(fitted_var, torch.tensor(0.09), atol=1e-3)
-    folder = tmp_path_factory.mktemp("semantic")
     (folder / "remain.txt").write_text("\n".join(t.format(w) for w in WORDS[1:] for t in TEMPLATES) + "\n")
     (folder / "forget.txt").write_text("\n".join(t.format("cat") for t in TEMPLATES) + "\n")
     return dict(parts=parts, encoder=encoder, teacher=teacher, pats=pats, folder=folder,
                 schedule=VPSchedule(parts.alphas_cumprod))
 
 
-def run_sfd(setup, forget_weight: float):
-    """SFD forgetting "cat" into "dog" through the real SD training step; returns the EMA generator."""
+# LoRA mode (tests/test_lora.py): rank-16 adapters on the text map. Learning rates tried (fake, generator):
+# 1e-3/3e-4 and 3e-3/1e-3 leave the remain prompts' spread at the teacher's 0.035; 3e-3/5e-4: 0.07-0.09;
+# 3e-3/3e-4 (used): 0.12-0.14; 5e-3/5e-4, 1e-2/3e-3, and 3e-3/3e-4 for 3000 iterations diverge.
+LORA = dict(lora_rank=16, lora_alpha=16.0, lora_targets=["proj"], lr_fake=3e-3, lr_gen=3e-4)
+
+
+def run_sfd(setup, forget_weight: float, adapter: str = "full"):
+    """SFD forgetting "cat" into "dog" through the real SD training step; returns the EMA generator.
+    ``adapter="lora"``: fake score and generator are the teacher + LoRA adapters (sfd_sd/lora.py)."""
     from sfd_sd.config import TrainConfig
     from sfd_sd.denoiser import GuidedDenoiser
     from sfd_sd.distributed import Dist
     from sfd_sd.training import Nets, SFDStep, build_prompt_sampler, guidance_settings
 
     folder = setup["folder"]
-    cfg = TrainConfig(
+    settings = dict(
         remain_prompts=str(folder / "remain.txt"), forget_prompts=str(folder / "forget.txt"),
         concept_to_forget="cat", concept_to_override="dog",
         kappa_fake_train=1.0, kappa_fake_eval=1.0, kappa_teacher=1.0,
         alpha=1.2, batch=16, lr_fake=2e-4, lr_gen=6e-5, ema_halflife_kimg=0.5,
         w_fake_forget=forget_weight, w_gen_forget=forget_weight, seed=0)
+    cfg = TrainConfig(**(dict(settings, adapter="lora", **LORA) if adapter == "lora" else settings))
     cfg.check()
     sampler, _, _ = build_prompt_sampler(cfg)
     assert sampler.pairs == [(t.format("cat"), t.format("dog")) for t in TEMPLATES]
     torch.manual_seed(0)
     teacher = setup["teacher"]
-    fake = copy.deepcopy(teacher).requires_grad_(True)
-    gen = copy.deepcopy(teacher).requires_grad_(True)
-    ema = copy.deepcopy(gen).requires_grad_(False)
     mk = lambda net: GuidedDenoiser(net, setup["schedule"], setup["encoder"])  # noqa: E731
-    nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema)
+    if adapter == "lora":
+        from sfd_sd import lora
+
+        teacher, fake, gen, fake_params, gen_params = lora.build_lora_nets(teacher, None, cfg, torch.float32, "cpu",
+                                                                           share_generator_base=True)
+        ema, ema_params = lora.ema_copy(gen)
+        nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema, fake_params=fake_params,
+                    gen_params=gen_params, ema_params=ema_params)
+    else:
+        fake = copy.deepcopy(teacher).requires_grad_(True)
+        gen = copy.deepcopy(teacher).requires_grad_(True)
+        ema = copy.deepcopy(gen).requires_grad_(False)
+        nets = Nets(teacher=mk(teacher), fake=mk(fake), generator=mk(gen), ema=ema)
     opt_kw = dict(betas=tuple(cfg.adam_betas), eps=cfg.adam_eps_for("fp32"))
-    opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, **opt_kw)
-    opt_gen = torch.optim.Adam(gen.parameters(), lr=cfg.lr_gen, **opt_kw)
+    opt_fake = torch.optim.Adam(nets.params("fake"), lr=cfg.lr_fake, **opt_kw)
+    opt_gen = torch.optim.Adam(nets.params("gen"), lr=cfg.lr_gen, **opt_kw)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step = SFDStep(cfg, nets, sampler, guidance_settings(cfg), Dist(), opt_fake, opt_gen, scaler, scaler,
                    torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), SHAPE)
@@ -125,7 +146,7 @@ def summary(m) -> str:
                      f"spread {r['spread'].min():.3f}-{r['spread'].max():.3f}" for w, r in m.items())
 
 
-def check_keeps(m, word: str, target: str) -> None:
+def check_keeps(m, word: str, target: str, min_spread: float = 0.15) -> None:
     """``word`` prompts draw the ``target`` pattern: every prompt's mean near it, far from the others,
     nearly every sample nearest to it, spread neither collapsed nor blown up (data: 0.3)."""
     r, k = m[word], WORDS.index(target)
@@ -133,7 +154,7 @@ def check_keeps(m, word: str, target: str) -> None:
     assert r["dist"][:, k].max() < 0.35, (word, target, r["dist"])
     assert r["dist"][:, others].min() > 1.0, (word, target, r["dist"])
     assert r["nearest"][k] > 0.98, (word, target, r["nearest"])
-    assert (r["spread"] > 0.15).all() and (r["spread"] < 0.45).all(), (word, r["spread"])
+    assert (r["spread"] > min_spread).all() and (r["spread"] < 0.45).all(), (word, r["spread"])
 
 
 @pytest.mark.slow
