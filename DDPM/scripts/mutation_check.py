@@ -135,10 +135,12 @@ MUTANTS = [
      "network ignores its augmentation labels"),
     ("sfd_ddpm/augment.py", "_rotation(angle) @ _rotation(-axis)", "_rotation(-angle) @ _rotation(-axis)",
      "rotation against its label"),
+    ("sfd_ddpm/methods/sfd.py", 'for _ in range(s["fake_updates"]):', "for _ in range(1):", "sfd.fake_updates ignored"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
-                 "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py", "tests/test_augment.py"]
+                 "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py", "tests/test_augment.py",
+                 "tests/test_guidance.py"]
 FAST = "not subprocess and not slow"   # no entry scripts in subprocesses
 
 

@@ -166,6 +166,9 @@ SCHEMA: dict = {
         "lr_theta": K(1e-5, "generator learning rate"),
         "betas": K([0.0, 0.999], "Adam betas of both networks"),
         "grad_clip_value": K(1.0, "element-wise gradient value clipping (0 = off)"),
+        "fake_updates": K(1, "fake-score updates per generator update, each on fresh generator samples (1 = SiD and "
+                             "the SFD authors; more lets the fake score keep up with the generator, as DMD2's "
+                             "two time-scale rule)"),
         "batched": K(True, "evaluate remain and forget terms of a network in one batched pass "
                            "(identical losses; false = separate passes)"),
     },
@@ -273,7 +276,8 @@ RANGES = {
     **{f"sfd.{k}": NON_NEGATIVE for k in ("t_min", "t_max", "t_init", "warmup_t_min", "warmup_t_max",
                                           "lambda_phi_r", "lambda_phi_f", "lambda_theta_r", "lambda_theta_f",
                                           "grad_clip_value")},
-    "sfd.sigma_init": POSITIVE, "sfd.forget_warmup": PROBABILITY, "sfd.augment": PROBABILITY, "sfd.lr_phi": POSITIVE, "sfd.lr_theta": POSITIVE,
+    "sfd.sigma_init": POSITIVE, "sfd.forget_warmup": PROBABILITY, "sfd.augment": PROBABILITY,
+    "sfd.lr_phi": POSITIVE, "sfd.lr_theta": POSITIVE, "sfd.fake_updates": Range(1),
     "sfd.betas": ADAM_BETAS,
     "baseline.lr": POSITIVE, "baseline.betas": ADAM_BETAS, "baseline.grad_clip": NON_NEGATIVE,
     **{f"baseline.{k}": NON_NEGATIVE for k in ("sa_gamma", "sa_lambda", "sa_replay_guidance", "salun_alpha",

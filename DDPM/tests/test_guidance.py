@@ -343,3 +343,19 @@ def test_guided_config_runs_and_records_the_resolved_scales(tiny_teacher, tmp_pa
     s = json.loads((run / "config.json").read_text())["sfd"]
     assert s["guidance"] == 2.0 and s["guidance_fake_train"] == 2.0 and s["guidance_fake_eval"] == 2.0
     assert s["label_dropout"] == 0.1
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fake_updates_steps_the_fake_score_k_times_per_generator_step(k):
+    """sfd.fake_updates = k: k Adam steps of the fake score, each on its own fresh samples, then one of the
+    generator (1: the paper's alternation)."""
+    torch.manual_seed(0)
+    method = make_sfd(fake_updates=k)
+    drawn = []
+    phi_terms = method._phi_terms
+    method._phi_terms = lambda terms: drawn.append(terms[0]["z"]) or phi_terms(terms)
+    for step in range(2):
+        method.train_step(step)
+    steps = lambda opt: {int(st["step"]) for st in opt.state.values()}
+    assert steps(method.opt_phi) == {2 * k} and steps(method.opt_theta) == {2}
+    assert len(drawn) == 2 * k and all(not torch.equal(drawn[0], z) for z in drawn[1:])

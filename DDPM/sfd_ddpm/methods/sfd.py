@@ -221,12 +221,13 @@ class SFD:
         out = {}
         # ---- phi step: fake score in train mode (dropout active), generator in eval mode, no grad ----
         w_phi = [s["lambda_phi_r"]] + ([s["lambda_phi_f"]] if forgetting else [])
-        terms = [self._draw(False, warm, phi=True)] + ([self._draw(True, warm, phi=True)] if forgetting else [])
         self.fake_net.train()
         self.gen_net.eval()
-        self.opt_phi.zero_grad(set_to_none=True)
-        losses_phi = self._run_terms(terms, w_phi, self._phi_terms)
-        self._clip_and_step(self.fake_net, self.opt_phi)
+        for _ in range(s["fake_updates"]):  # 1 in the paper; each update on fresh samples and levels
+            terms = [self._draw(False, warm, phi=True)] + ([self._draw(True, warm, phi=True)] if forgetting else [])
+            self.opt_phi.zero_grad(set_to_none=True)
+            losses_phi = self._run_terms(terms, w_phi, self._phi_terms)
+            self._clip_and_step(self.fake_net, self.opt_phi)
         # ---- theta step: generator in train mode, fake score frozen in eval mode ----
         w_theta = [s["lambda_theta_r"]] + ([s["lambda_theta_f"]] if forgetting else [])
         terms = [self._draw(False, warm)] + ([self._draw(True, warm)] if forgetting else [])
