@@ -99,3 +99,67 @@ def test_esd_grid_bound_is_stated_by_the_backbone(teachers):
 def _with(cfg: dict, **baseline) -> dict:
     cfg["baseline"].update(baseline)
     return cfg
+
+
+# -- forgetting with a known answer on the EDM backbone --------------------------------------------
+# Three 2-pixel Gaussian classes with an exact EDM teacher (tests/analytic.py); the null class's mean is the
+# average of the class means, (0, 2/3).
+MEANS = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]])
+
+
+def _analytic_finetune(method: str, monkeypatch, *overrides) -> object:
+    import copy
+
+    from analytic import EDMGaussianClassDenoiser
+    from sfd_ddpm.methods import finetune
+    cfg = C.load_config(None, [f"method={method}", "model.arch=songunet", "data.channels=2", "data.image_size=1",
+                               "data.n_classes=3", "training.batch_size=64", "training.ema=0.0",
+                               "baseline.forget=[0]", "baseline.lr=3e-2", *overrides])
+    teacher = EDMGaussianClassDenoiser(MEANS, 0.3)
+    monkeypatch.setattr(finetune, "load_pretrained", lambda cfg, network: (copy.deepcopy(teacher), cfg))
+    torch.manual_seed(0)
+    m = get_method(method)(cfg, Dist())
+    m.start(0)
+    return m
+
+
+def _edm_samples(m, c: int, n: int = 1000) -> torch.Tensor:
+    from sfd_ddpm.samplers import sample
+    den = Denoiser(m.ema, m.schedule, 3)
+    return sample(den, "edm", torch.full((n,), c), list(range(n)), (2, 1, 1), steps=18).flatten(1)
+
+
+def test_edm_esd_sends_the_forget_class_where_negative_guidance_points(monkeypatch):
+    """ESD's target 2 D(null) - D(c_f) (eta 1) is, for this teacher, the Gaussian with mean 2 m_null - m_0 =
+    (-2, 4/3): after ESD on the rho grid the forget class samples there, and the other classes are untouched."""
+    m = _analytic_finetune("esd", monkeypatch, "baseline.esd_steps=10", "baseline.esd_eta=1.0")
+    for k in range(600):
+        m.train_step(k)
+    with torch.no_grad():
+        s0, s1, s2 = (_edm_samples(m, c) for c in range(3))
+    assert (s0.mean(0) - torch.tensor([-2.0, 4 / 3])).norm() < 0.2, s0.mean(0)
+    assert ((s0.std(0) > 0.25) & (s0.std(0) < 0.36)).all(), s0.std(0)   # the teacher's spread, 0.3
+    assert (s0 - MEANS[0]).norm(dim=1).lt(1.0).float().mean() < 0.02
+    assert (s1.mean(0) - MEANS[1]).norm() < 0.05 and (s2.mean(0) - MEANS[2]).norm() < 0.05
+
+
+def test_edm_sa_sends_the_forget_class_to_its_surrogate_noise(monkeypatch, tmp_path):
+    """SA's forget term fits class 0 to uniform noise in [-1, 1]^2 (mean 0, standard deviation 1/sqrt(3)): after
+    SA with EDM's loss, replay and Fisher the forget class samples with those moments instead of N((2, 0), 0.3^2),
+    and the other classes stay."""
+    from analytic import EDMGaussianClassDenoiser
+    teacher = EDMGaussianClassDenoiser(MEANS, 0.3)
+    x = MEANS[torch.arange(30) % 3] + 0.3 * torch.randn(30, 2)
+    fisher = diagonal_fisher(Denoiser(teacher, EDMSchedule(), 3), x.view(30, 2, 1, 1), torch.arange(30) % 3,
+                             levels=20, generator=torch.Generator().manual_seed(0))
+    save_file(fisher, str(tmp_path / "f.safetensors"))
+    m = _analytic_finetune("sa", monkeypatch, f"baseline.sa_fisher={tmp_path / 'f.safetensors'}",
+                           "baseline.sa_replay_per_class=200", "baseline.sa_replay_steps=18",
+                           "baseline.sa_replay_guidance=0", "baseline.sa_lambda=1e-3")
+    for k in range(600):
+        m.train_step(k)
+    with torch.no_grad():
+        s0, s1, s2 = (_edm_samples(m, c) for c in range(3))
+    assert s0.mean(0).norm() < 0.25, s0.mean(0)
+    assert ((s0.std(0) > 0.5) & (s0.std(0) < 0.66)).all(), s0.std(0)     # U[-1, 1]: 1/sqrt(3) = 0.577; teacher 0.3
+    assert (s1.mean(0) - MEANS[1]).norm() < 0.15 and (s2.mean(0) - MEANS[2]).norm() < 0.15
