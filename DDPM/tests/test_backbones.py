@@ -163,3 +163,25 @@ def test_edm_sa_sends_the_forget_class_to_its_surrogate_noise(monkeypatch, tmp_p
     assert s0.mean(0).norm() < 0.25, s0.mean(0)
     assert ((s0.std(0) > 0.5) & (s0.std(0) < 0.66)).all(), s0.std(0)     # U[-1, 1]: 1/sqrt(3) = 0.577; teacher 0.3
     assert (s1.mean(0) - MEANS[1]).norm() < 0.15 and (s2.mean(0) - MEANS[2]).norm() < 0.15
+
+
+def test_fisher_command_on_an_edm_teacher(teachers, tmp_path):
+    """fisher.py on a SongUNet: samples with EDM's sampler, --levels sigma draws per image, its settings
+    recorded; a DDPM-only option (--timesteps-stride) is refused with a message."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    import fisher as fisher_cli
+    teacher, _ = teachers["songunet"]
+    out = tmp_path / "f.safetensors"
+    res = CliRunner().invoke(fisher_cli.main, ["--ckpt", str(teacher), "--out", str(out), "--samples", "2",
+                                               "--levels", "3", "--steps", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out), "pt") as f:
+        settings = json.loads(f.metadata()["settings"])
+        assert settings["levels"] == 3 and settings["timesteps_stride"] is None
+        assert all(f.get_tensor(k).abs().sum() > 0 for k in list(f.keys())[:3])
+    res = CliRunner().invoke(fisher_cli.main, ["--ckpt", str(teacher), "--out", str(out), "--timesteps-stride", "10"])
+    assert res.exit_code != 0 and "no timesteps" in res.output
