@@ -136,11 +136,18 @@ MUTANTS = [
     ("sfd_ddpm/augment.py", "_rotation(angle) @ _rotation(-axis)", "_rotation(-angle) @ _rotation(-axis)",
      "rotation against its label"),
     ("sfd_ddpm/methods/sfd.py", 'for _ in range(s["fake_updates"]):', "for _ in range(1):", "sfd.fake_updates ignored"),
+    ("sfd_ddpm/edm.py", 'return self.sample_train(count, "cpu", generator), 1.0 / count',
+     'return torch.full((count,), self.sigma_data), 1.0 / count', "EDM Fisher at one fixed sigma"),
+    ("sfd_ddpm/edm.py", 'return self.sample_train(count, "cpu", generator), 1.0 / count',
+     'return self.sample_train(count, "cpu", generator), 1.0', "EDM Fisher summed instead of averaged"),
+    ("sfd_ddpm/diffusion.py", "return t, T / len(t)", "return t, 1.0", "DDPM Fisher subset not scaled to all T"),
+    ("sfd_ddpm/edm.py", "return z * level", "return z", "EDM partial sampling starts at unit noise"),
+    ("sfd_ddpm/methods/esd.py", "    x = sched.start_noise(x, seq[-1])\n", "", "ESD ignores the backbone's start noise"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
                  "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py", "tests/test_augment.py",
-                 "tests/test_guidance.py"]
+                 "tests/test_guidance.py", "tests/test_levels.py"]
 FAST = "not subprocess and not slow"   # no entry scripts in subprocesses
 
 

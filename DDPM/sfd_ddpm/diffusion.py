@@ -84,6 +84,22 @@ class VPSchedule:
         """Distillation levels between positions lo and hi of the T-step grid: t ~ U{lo..hi-1}."""
         return self.sample_t(n, lo, hi, device)
 
+    def fisher_levels(self, count: int | None = None, generator=None) -> tuple[torch.Tensor, float]:
+        """The levels of one sample's diagonal Fisher (sfd_ddpm.fisher) and the weight of their summed loss:
+        all T timesteps (``count`` None) or ``count`` evenly spaced ones, the sum scaled to all T (an unbiased
+        estimate of sum_t). Deterministic: ``generator`` is not drawn from."""
+        T = self.num_timesteps
+        t = torch.arange(T) if count is None else torch.linspace(0, T - 1, min(count, T)).round().long().unique()
+        return t, T / len(t)
+
+    def grid_steps_range(self) -> tuple[int, int | None]:
+        """The step counts :meth:`ddim_grid` accepts: 1..T."""
+        return 1, self.num_timesteps
+
+    def start_noise(self, z: torch.Tensor, level) -> torch.Tensor:
+        """The sampler's starting point at the top grid level: x_T = z ~ N(0, I) (Ho et al.; DDIM)."""
+        return z
+
     def ddim_grid(self, steps: int) -> list[int]:
         """DDIM's uniform sub-sequence 0, k, 2k, ... (k = T // steps), ascending."""
         return list(range(0, self.num_timesteps, self.num_timesteps // steps))

@@ -39,11 +39,12 @@ class EDMSchedule:
 
     @property
     def num_timesteps(self):
-        """EDM has no discrete timestep grid: the few places that still enumerate integer timesteps (the
-        diagonal Fisher of SA/VDU, ESD's step bound) stop here with a message instead of a wrong answer."""
-        raise ValueError("this step enumerates discrete DDPM timesteps, which an EDM (songunet) network does not "
-                         "have; it is implemented for the DDPM backbone only (methods pretrain, sid, sfd, retrain "
-                         "and salun run on both)")
+        """EDM has no discrete timestep grid; the methods ask the schedule for levels in its own terms
+        (``sample_train``, ``sample_range``, ``fisher_levels``, ``ddim_grid``), so only code written for
+        integer timesteps (the DDPM/DDIM samplers) could reach this, and it stops with a message."""
+        raise ValueError("an EDM (songunet) network has continuous noise levels sigma, not discrete DDPM timesteps; "
+                         "use its own levels (sample_train, sample_range, fisher_levels, sampler_sigmas) or the "
+                         "edm sampler")
 
     # ---- the noise-process interface (see sfd_ddpm.diffusion) ----
     def add_noise(self, x0: torch.Tensor, sigma, eps: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,24 @@ class EDMSchedule:
         """ln sigma ~ N(P_mean, P_std^2)."""
         z = torch.randn(n, generator=generator, device=device if generator is None else "cpu")
         return (self.P_mean + self.P_std * z).exp().to(device)
+
+    def fisher_levels(self, count: int | None = None, generator=None) -> tuple[torch.Tensor, float]:
+        """The levels of one sample's diagonal Fisher (sfd_ddpm.fisher) and the weight of their summed loss:
+        ``count`` (default 100) draws of the training distribution ln sigma ~ N(P_mean, P_std^2) from
+        ``generator``, weighted 1 / count, so the gradient is a Monte-Carlo estimate of that of the expected
+        loss E_sigma l(x, sigma)."""
+        count = 100 if count is None else int(count)
+        if count < 1:
+            raise ValueError(f"the Fisher needs at least one noise level per sample, got {count}")
+        return self.sample_train(count, "cpu", generator), 1.0 / count
+
+    def grid_steps_range(self) -> tuple[int, int | None]:
+        """The step counts :meth:`ddim_grid` accepts: at least 2 (sigma_max and sigma_min), no upper bound."""
+        return 2, None
+
+    def start_noise(self, z: torch.Tensor, level) -> torch.Tensor:
+        """The sampler's starting point at the top grid level sigma: x = sigma z (EDM's Algorithm 1)."""
+        return z * level
 
     def rho_sigma(self, u: torch.Tensor) -> torch.Tensor:
         """sigma(u) = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho: u = 0 -> s_min, u = 1 -> s_max."""

@@ -7,6 +7,11 @@ with the frozen model: DDIM (eta 0) on the grid 0, k, 2k, ... (k = T // esd_step
 and stopped at a grid timestep t drawn uniformly (one per batch), and the loss is taken at that same t.
 The authors evaluated a nearly clean sample at an unrelated timestep, stepped the optimizer before the
 backward pass and never zeroed the gradients; here it is zero_grad -> backward -> clip -> step.
+
+On an EDM (songunet) network the grid is EDM's rho schedule of ``esd_steps`` levels sigma_max > ... >
+sigma_min (the sampler's grid without its final 0), the partial sampling starts at sigma_max z and takes
+DDIM's (Euler's) step x = D + sigma' eps, and the loss is the same eps-space objective at the sigma it
+stopped at (eps = (x - D) / sigma).
 """
 from __future__ import annotations
 
@@ -25,11 +30,13 @@ def esd_target(eps_null: torch.Tensor, eps_forget: torch.Tensor, eta: float) -> 
 @torch.no_grad()
 def partial_ddim(denoiser: Denoiser, labels: torch.Tensor, x: torch.Tensor, steps: int, stop: int,
                  guidance: float = 0.0) -> tuple[torch.Tensor, int]:
-    """DDIM (eta 0) from noise ``x`` at the top grid timestep down to grid index ``stop``: (x_t, t)."""
+    """DDIM (eta 0) from standard normal noise ``x`` (started at the top grid level as the backbone's
+    sampler starts: x_T = x on a DDPM, sigma_max x on EDM) down to grid index ``stop``: (x_t, t)."""
     sched = denoiser.schedule
     seq = sched.ddim_grid(steps)
     if not 0 <= stop < len(seq):
         raise ValueError(f"stop index {stop} outside the DDIM grid of {len(seq)} timesteps")
+    x = sched.start_noise(x, seq[-1])
     for i in range(len(seq) - 1, stop, -1):
         x0, eps = denoiser.predict(x, seq[i], labels, guidance)
         x = sched.add_noise(x0, seq[i - 1], eps)  # the deterministic DDIM step (eta 0)
@@ -40,8 +47,10 @@ class ESD(FineTune):
     def __init__(self, cfg: dict, dist: Dist):
         super().__init__(cfg, dist)
         steps = cfg["baseline"]["esd_steps"]
-        if not 1 <= steps <= self.schedule.num_timesteps:
-            raise ValueError(f"baseline.esd_steps must be in [1, {self.schedule.num_timesteps}], got {steps}")
+        lo, hi = self.schedule.grid_steps_range()
+        if steps < lo or (hi is not None and steps > hi):
+            bound = f"in [{lo}, {hi}]" if hi is not None else f"at least {lo} on an EDM network"
+            raise ValueError(f"baseline.esd_steps must be {bound}, got {steps}")
 
     def losses(self) -> dict:
         b, n, dev = self.cfg["baseline"], self.n, self.dist.device

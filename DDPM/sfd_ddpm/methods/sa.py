@@ -8,6 +8,10 @@ remaining classes: a fixed buffer of ``baseline.sa_replay_per_class`` images per
 the frozen pretrained model (DDIM) once at the start, from per-image seeds (so a resumed run rebuilds
 the same buffer). F is the diagonal Fisher of the eps-loss on samples of the pretrained model
 (``fisher.py``), theta* the starting weights.
+
+On an EDM (songunet) network the same method runs in the backbone's own terms: l is EDM's weighted
+denoising loss at ln sigma ~ N(P_mean, P_std^2), the replay is sampled with EDM's Heun sampler
+(``baseline.sa_replay_steps`` steps), and the Fisher averages over the same log-normal sigma.
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ class SelectiveAmnesia(FineTune):
         labels = self.remain.repeat_interleave(per)
         seeds = [image_seed(self.cfg["seed"] + 7919, int(c), i % per) for i, c in enumerate(labels.tolist())]
         self.dist.print0(f"SA: generating {len(labels)} replay images with the pretrained model")
-        self.replay_x = torch.cat([sample(self.frozen, "ddim", labels[k:k + 256], seeds[k:k + 256], self.shape,
+        sampler = self.schedule.default_sampler  # DDIM on a DDPM, EDM's Heun sampler on an EDM network
+        self.replay_x = torch.cat([sample(self.frozen, sampler, labels[k:k + 256], seeds[k:k + 256], self.shape,
                                           steps=b["sa_replay_steps"], guidance=b["sa_replay_guidance"], clip_x0=True)
                                    for k in range(0, len(labels), 256)])
         self.replay_y = labels

@@ -22,7 +22,8 @@ with access only to a small subset D_f of real forget-class images and no retain
   mu with precision Lambda (:func:`stability_term`). Lambda comes from either
   - ``vdu.precision=fisher``: the diagonal Fisher of the eps-loss (:func:`sfd_ddpm.fisher.diagonal_fisher`)
     on ``vdu.fisher_samples`` images **generated** by the pretrained model (DDIM, labels cycling over the
-    classes; data-free), at ``vdu.fisher_timesteps`` evenly spaced timesteps; or
+    classes; data-free), at ``vdu.fisher_timesteps`` evenly spaced timesteps (on an EDM network: that many
+    draws per image of its training levels ln sigma ~ N(P_mean, P_std^2), images from EDM's sampler); or
   - ``vdu.precision=checkpoints``: Lambda = 1 / (var + eps) with var the unbiased per-parameter variance
     across K >= 2 independently trained checkpoints (``vdu.checkpoints``; the 2025 version of the paper)
     (:func:`checkpoint_precision`).
@@ -231,13 +232,13 @@ class VDU:
         seeds = [image_seed(self.cfg["seed"] + 99, int(c), i) for i, c in enumerate(labels)]
         den = Denoiser(self.mu_net, self.schedule, self.mu_net.null_label)
         shape = (d["channels"], d["image_size"], d["image_size"])
-        images = torch.cat([sample(den, "ddim", labels[k:k + 256], seeds[k:k + 256], shape, steps=v["fisher_steps"])
+        sampler = self.schedule.default_sampler  # DDIM on a DDPM, EDM's Heun sampler on an EDM network
+        images = torch.cat([sample(den, sampler, labels[k:k + 256], seeds[k:k + 256], shape, steps=v["fisher_steps"])
                             for k in range(0, n, 256)])
         probe = frozen_copy(self.mu_net).requires_grad_(True)  # eval mode: no dropout in the Fisher
-        T = self.schedule.num_timesteps
-        timesteps = torch.linspace(0, T - 1, min(v["fisher_timesteps"], T)).round().long().unique()
-        return diagonal_fisher(Denoiser(probe, self.schedule, probe.null_label), images, labels, timesteps=timesteps,
-                               chunk=50, generator=torch.Generator().manual_seed(self.cfg["seed"] + 11))
+        return diagonal_fisher(Denoiser(probe, self.schedule, probe.null_label), images, labels,
+                               levels=v["fisher_timesteps"], chunk=50,
+                               generator=torch.Generator().manual_seed(self.cfg["seed"] + 11))
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
