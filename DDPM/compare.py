@@ -109,11 +109,14 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
 @click.option("--demo", type=click.Path(file_okay=False), default=None,
               help="A `make demo` folder whose teacher and classifier are reused when present. Default: runs/demo "
                    "at the repository root (where `make demo` writes), whatever the current directory.")
-@click.option("--forget", default="0",
+@click.option("--forget", default=None,
               help="Class every method forgets: a class name (a folder name with --data-root) or an index (0 = the "
                    "first name in sorted order). A value that names one class and indexes another (folders named "
-                   "1, 2, 3) is refused: write name:1 or index:1.")
-@click.option("--override", default="1", help="Override class of SFD (name or index, as --forget).")
+                   "1, 2, 3) is refused: write name:1 or index:1. Default: class 0, the first name in sorted order "
+                   "(with --data-root, the first folder name); the report's first lines name the classes chosen.")
+@click.option("--override", default=None,
+              help="Override class of SFD (name or index, as --forget). Default: class 1, the second name in sorted "
+                   "order (with --data-root, the second folder name).")
 @click.option("--methods", default=",".join(METHODS),
               help="Comma-separated subset (a method whose config is missing, VDU or guided SFD, is skipped).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2,
@@ -159,8 +162,9 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
     try:
         data_args = dataset_overrides(data_root, image_size)
         class_names = dataset_class_names(data_root, image_size)
-        forget = resolve_class(forget, class_names, "--forget")
-        override = resolve_class(override, class_names, "--override")
+        choice = {"forget": forget, "override": override}   # as given (None: the default)
+        forget = resolve_class("index:0" if forget is None else forget, class_names, "--forget")
+        override = resolve_class("index:1" if override is None else override, class_names, "--override")
         too_small = folder_shortfall(data_root, forget, vdu_forget_images() if "vdu" in names else 0)
     except ValueError as e:   # FolderError: empty folder, one class, unknown or ambiguous class, ...
         raise click.UsageError(str(e))
@@ -223,7 +227,7 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
     from sfd_ddpm.classifiers import classifier_quality_note, load_classifier
     clf_meta = load_classifier(clf_path)[1]
     report = {"forget_class": forget, "override_class": override, "forget_class_name": class_names[forget],
-              "override_class_name": class_names[override],
+              "override_class_name": class_names[override], "class_choice": choice,
               "dataset": {"name": "folder" if data_root else "builtin",
                           "root": str(Path(data_root).resolve()) if data_root else None,
                           "image_size": image_size if data_root else 16, "class_names": class_names},
@@ -446,7 +450,7 @@ def attack_summary(path) -> dict:
 
 
 def markdown(r: dict) -> str:
-    from sfd_ddpm.demo_report import flip_sentence, reference_sentence
+    from sfd_ddpm.demo_report import class_choice_sentence, flip_sentence, reference_sentence
     from sfd_ddpm.protocol import RULE, format_cell
     n = len(r["seeds"])
     p = r["protocol"]
@@ -462,6 +466,7 @@ def markdown(r: dict) -> str:
             else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
     lines = [f"# Unlearning methods on {where} (forget class {f}"
              + (f", {names[f]}, into {o}, {names[o]}" if names else "") + ")\n",
+             class_choice_sentence({**r, "dataset": d}, "compare.py"), "",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "
              f"Retrain: builtin_retrain.yaml from scratch. Every cell is the mean ± the half-width of a two-sided 95% "
              f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, {seeded} seed k; the "

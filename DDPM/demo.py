@@ -82,11 +82,14 @@ def finished_run(parent: Path, final: str) -> Path | None:
 @click.option("--outdir", type=click.Path(file_okay=False), default=None,
               help="Where everything goes (relative to the current directory). Default: runs/demo at the "
                    "repository root (where `make demo` writes), whatever the current directory.")
-@click.option("--forget", default="0",
+@click.option("--forget", default=None,
               help="Class to forget: a class name (a folder name with --data-root) or an index (0 = the first name "
                    "in sorted order). A value that names one class and indexes another (folders named 1, 2, 3) is "
-                   "refused: write name:1 or index:1.")
-@click.option("--override", default="1", help="Override class the teacher is asked for (name or index, as --forget).")
+                   "refused: write name:1 or index:1. Default: class 0, the first name in sorted order (with "
+                   "--data-root, the first folder name); the report's first lines name the classes chosen.")
+@click.option("--override", default=None,
+              help="Override class the teacher is asked for instead (name or index, as --forget). Default: class 1, "
+                   "the second name in sorted order (with --data-root, the second folder name).")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Your own images instead of the built-in dataset: a folder with one sub-folder per class "
                    "(class index = sorted folder names). Use a fresh --outdir per dataset.")
@@ -118,8 +121,9 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     try:
         names = dataset_class_names(data_root, image_size)
         data_args = dataset_overrides(data_root, image_size)
-        forget = resolve_class(forget, names, "--forget")
-        override = resolve_class(override, names, "--override")
+        choice = {"forget": forget, "override": override}   # as given (None: the default)
+        forget = resolve_class("index:0" if forget is None else forget, names, "--forget")
+        override = resolve_class("index:1" if override is None else override, names, "--override")
         too_small = folder_shortfall(data_root, forget)
     except ValueError as e:   # FolderError is one: empty folder, one class, unknown or ambiguous class
         raise click.UsageError(str(e))
@@ -187,7 +191,7 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     # 4-6. samples, evaluation, pictures --------------------------------------------------------
     from sfd_ddpm.demo_report import evaluate_and_report
     evaluate_and_report(out, teacher_ckpt, sfd_runs, clf_path, forget, override, budget, seconds, t_all, guidance,
-                        skipped)
+                        skipped, class_choice=choice)
 
 
 if __name__ == "__main__":

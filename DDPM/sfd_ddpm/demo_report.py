@@ -304,8 +304,9 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict], clf_path: Path, forget: int,
                         override: int, budget: dict, seconds: dict, t_all: float, guidance: float,
-                        skipped: dict | None = None) -> dict:
-    """Sample, measure and report. ``sfd_runs``: {name: {'run': run dir, 'title': ..., 'config': yaml}}."""
+                        skipped: dict | None = None, class_choice: dict | None = None) -> dict:
+    """Sample, measure and report. ``sfd_runs``: {name: {'run': run dir, 'title': ..., 'config': yaml}};
+    ``class_choice``: {'forget', 'override'} as the user gave them (None: the default)."""
     import shutil
 
     from .protocol import checkpoint_variants, distillation_target, multi_step_variants
@@ -363,6 +364,7 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     report = {
         "forget_class": forget, "override_class": override,
         "forget_class_name": names[forget], "override_class_name": names[override],
+        "class_choice": {"forget": None, "override": None, **(class_choice or {})},
         "dataset": {"name": teacher_cfg["data"]["dataset"], "root": teacher_cfg["data"].get("root"),
                     "image_size": teacher_cfg["data"]["image_size"], "class_names": names,
                     "random_flip": teacher_cfg["data"].get("random_flip")},
@@ -452,6 +454,28 @@ def target_sentences(r: dict) -> list[str]:
     return out
 
 
+def class_choice_sentence(r: dict, script: str) -> str:
+    """The report's first line: which classes were forgotten and overridden, whether that was the
+    default or the user's choice, and how to choose others (by name)."""
+    f, o = r.get("forget_class", 0), r.get("override_class", 1)
+    d = r.get("dataset") or {}
+    names = d.get("class_names") or [str(c) for c in range(max(f, o) + 1)]
+    given = r.get("class_choice") or {}
+    given = {k: v for k, v in given.items() if v is not None}
+    folder = d.get("name") == "folder"
+    first = "folder names" if folder else "class names"
+    if not given:
+        how = f"the defaults: the first two {first} in sorted order"
+    else:
+        how = "as given (" + " ".join(f"--{k} {v}" for k, v in given.items()) + ")" + (
+            "" if len(given) == 2 else f"; the {'override' if 'forget' in given else 'forget'} class is the default")
+    root = f" --data-root {d['root']}" if folder and d.get("root") else ""
+    shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:12])) + (
+        f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return (f"**Forget class {f} ({names[f]}) into override {o} ({names[o]})**, {how}. To choose others: "
+            f"`python {script}{root} --forget NAME --override NAME` (a class name or index; classes: {shown}).")
+
+
 def report_markdown(r: dict) -> str:
     p = r["protocol"]
     f, o = r["forget_class"], r["override_class"]
@@ -469,8 +493,7 @@ def report_markdown(r: dict) -> str:
     judge = "The evaluation classifier's test accuracy on real held-out images: " + (
         "unknown" if acc is None else f"{acc:.3f}") + "." + (
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
-    return (f"# SFD demo on {where}\n\nForget class {f} ({names[f]}) into override {o} "
-            f"({names[o]}). {judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
+    return (f"# SFD demo on {where}\n\n{class_choice_sentence(r, 'demo.py')}\n\n{judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
             f"would, and reads higher). Multi-step models are sampled unguided and guided (w = {p['guidance']:g}); "

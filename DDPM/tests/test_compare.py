@@ -220,3 +220,11 @@ def test_markdown_states_references_read_flips_and_warning():
     assert f"**WARNING: {ref['warning']}.**" in md and "(forget class 2, a, into 0, b)" in md
     assert "Random left-right flips: teacher training off (data.random_flip), evaluation classifier off." in md
     assert "labels class 2 after" in md
+    # the first lines name the classes, say they were the defaults, and how to choose others by name
+    assert md.splitlines()[2] == ("**Forget class 2 (a) into override 0 (b)**, the defaults: the first two folder names "
+                                  "in sorted order. To choose others: `python compare.py --data-root x --forget NAME "
+                                  "--override NAME` (a class name or index; classes: 0=b, 1=c, 2=a).")
+    md = compare.markdown({**_report(rows), "reference": ref, "forget_class": 2, "override_class": 0,
+                           "class_choice": {"forget": "a", "override": None},
+                           "dataset": {"name": "folder", "root": "x", "class_names": ["b", "c", "a"]}})
+    assert "**, as given (--forget a); the override class is the default. To choose" in md.splitlines()[2]

@@ -230,3 +230,58 @@ def test_report_states_the_references_read_and_warns_below_the_feature_dimension
            f"class), in the classifier's {dim}-dimensional feature space" in md and "200 real" not in md
     assert f"**WARNING: {summary['warning']}.**" in md
     assert "Random left-right flips: teacher training off (data.random_flip), evaluation classifier on." in md
+
+
+def minimal_report(names, forget, override, choice, root="imgs"):
+    """The report fields report_markdown reads, no rows (the class lines come before any table)."""
+    return {"forget_class": forget, "override_class": override, "class_choice": choice,
+            "classifier_test_accuracy": 0.97, "classifier_warning": None, "classifier_hflip": False, "skipped": {},
+            "stage_seconds": {}, "seconds": 1.0, "rows": [],
+            "dataset": {"name": "folder", "root": root, "class_names": names, "random_flip": False},
+            "protocol": {"sampling_seeds": [0], "images_per_class_per_seed": 17, "guidance": 2.0,
+                         "reference_images_per_class": 200, "reference": None}}
+
+
+def test_demo_forgets_and_overrides_by_folder_name(tmp_path, monkeypatch):
+    """--forget four --override eight on a folder: the SFD runs get those classes (by index, as train.py reads
+    them back), the report is told they were the user's choice, and its first lines name them and say how to
+    change them; with no --forget/--override the first two sorted folder names, said to be the defaults."""
+    from sfd_ddpm import demo_report
+    from sfd_ddpm.demo_report import report_markdown
+
+    root = image_folder(tmp_path / "digits", {"eight": 15, "five": 15, "four": 15})
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda cmd: seen.setdefault("stages", []).append([str(c) for c in cmd]))
+    monkeypatch.setattr(demo, "finished_run", lambda parent, final: tmp_path / "teacher_run")
+
+    def run_parallel(jobs, logs):
+        seen["jobs"] = {k: [str(c) for c in v] for k, v in jobs.items()}
+        for name in jobs:
+            (logs / name / "run").mkdir(parents=True)
+        return {name: {} for name in jobs}
+    monkeypatch.setattr(demo, "run_parallel", run_parallel)
+    monkeypatch.setattr(demo_report, "evaluate_and_report",
+                        lambda *a, **kw: seen.update(forget=a[4], override=a[5], choice=kw["class_choice"]))
+    args = ["--quick", "--data-root", str(root), "--image-size", "8", "--outdir", str(tmp_path / "out"),
+            "--retrain-teacher"]
+    result = CliRunner().invoke(demo.main, [*args, "--forget", "four", "--override", "eight"])
+    assert result.exit_code == 0, result.output
+    assert (seen["forget"], seen["override"]) == (2, 0) and seen["choice"] == {"forget": "four", "override": "eight"}
+    for cmd in seen["jobs"].values():
+        assert "sfd.forget=[index:2]" in cmd and "sfd.override=index:0" in cmd
+    assert "forget class 2 (four) into class 0 (eight)" in result.output
+    first = report_markdown(minimal_report(["eight", "five", "four"], 2, 0, seen["choice"])).splitlines()[:3]
+    assert first[2] == ("**Forget class 2 (four) into override 0 (eight)**, as given (--forget four --override "
+                        "eight). To choose others: `python demo.py --data-root imgs --forget NAME --override NAME` "
+                        "(a class name or index; classes: 0=eight, 1=five, 2=four).")
+    result = CliRunner().invoke(demo.main, args)
+    assert result.exit_code == 0, result.output
+    assert (seen["forget"], seen["override"]) == (0, 1) and seen["choice"] == {"forget": None, "override": None}
+    assert all("sfd.forget=[index:0]" in cmd for cmd in seen["jobs"].values())
+    first = report_markdown(minimal_report(["eight", "five", "four"], 0, 1, seen["choice"])).splitlines()[2]
+    assert first.startswith("**Forget class 0 (eight) into override 1 (five)**, the defaults: the first two folder "
+                            "names in sorted order. To choose others: `python demo.py --data-root imgs --forget NAME")
+    help_text = " ".join(CliRunner().invoke(demo.main, ["--help"]).output.split())
+    assert "Default: class 0, the first name in sorted order (with --data-root, the first folder name)" in help_text
+    assert "the report's first lines name the classes chosen" in help_text
+    assert "(with --data-root, the second folder name)" in help_text
