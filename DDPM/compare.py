@@ -246,6 +246,11 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
               "pipelines": results}
     report["methods"] = ["teacher", *names]
     report["rows"] = table_rows(results, report["methods"])
+    from sfd_ddpm.demo_report import teacher_check
+    report["teacher_check"] = teacher_check([(row["label"], row["metrics"]) for row in report["rows"]
+                                             if row["method"] == "teacher"], forget, class_names[forget])
+    if report["teacher_check"]["warning"]:
+        click.echo(f"WARNING: {report['teacher_check']['warning']}", err=True)
     report["seconds"] = time.perf_counter() - t_all
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
@@ -412,6 +417,10 @@ def table_rows(results: list[dict], methods: list[str]) -> list[dict]:
                          "nfe": variant["nfe"], "competes": method != "teacher", "metrics": metrics,
                          "per_seed": per_seed, "distillation_target": None})
     teacher = {r["variant"]["w"]: r for r in rows if r["method"] == "teacher"}
+    from sfd_ddpm.demo_report import teacher_accuracy
+    for r in rows:   # beside every UA, the teacher's own accuracy at the row's w
+        own = teacher.get(r["variant"]["w"])
+        r["teacher_accuracy"] = None if own is None else {"of": own["label"], **teacher_accuracy(own["metrics"])}
     for r in rows:
         if r["variant"]["sampler"] == "one_step" and r["variant"]["w"] in teacher:
             r["distillation_target"] = teacher[r["variant"]["w"]]["label"]
@@ -450,7 +459,7 @@ def attack_summary(path) -> dict:
 
 
 def markdown(r: dict) -> str:
-    from sfd_ddpm.demo_report import class_choice_sentence, flip_sentence, reference_sentence
+    from sfd_ddpm.demo_report import class_choice_sentence, flip_sentence, reference_sentence, teacher_check
     from sfd_ddpm.protocol import RULE, format_cell
     n = len(r["seeds"])
     p = r["protocol"]
@@ -483,6 +492,10 @@ def markdown(r: dict) -> str:
     for warning in (r.get("classifier_warning"), ref and ref["warning"]):
         if warning:
             lines += [f"**WARNING: {warning}.**", ""]
+    weak = teacher_check([(row["label"], row["metrics"]) for row in r["rows"] if row["method"] == "teacher"], f,
+                         names[f] if names else str(f))["warning"]
+    if weak:   # in the first lines, right after the classes
+        lines[3:3] = [f"**WARNING: {weak}.**", ""]
     if atk:
         lines += [f"Attack columns: share of attacked images the classifier labels class {f} after {atk['budget']} "
                   f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"
@@ -492,15 +505,19 @@ def markdown(r: dict) -> str:
                   f"took {r.get('attack_seconds_summed') or 0:.0f} s summed over the pipelines. See README, \"Attacks\".",
                   ""]
     cols = COLUMNS + (tuple((k, f"{h} @{atk['budget']}", hb) for k, h, hb in ATTACK_COLUMNS) if atk else ())
-    head = ("| method | sampler | " + " | ".join(h for _, h, _ in COLUMNS) + " | NFE / image | images / s | "
+    teacher_head = f"teacher's own acc at this w: class {f} / remaining"
+    head = ("| method | sampler | " + " | ".join([COLUMNS[0][1], teacher_head, *(h for _, h, _ in COLUMNS[1:])])
+            + " | NFE / image | images / s | "
             "train wall s | train CPU s |" + "".join(f" {h} |" for _, h, _ in cols[len(COLUMNS):]))
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for row in r["rows"]:
         m = row["metrics"]
         cell = lambda k: format_cell(m.get(k), row["marks"].get(k, ""))  # noqa: E731
         plain = lambda k, d=0: format_cell(m.get(k), digits=d)  # noqa: E731
+        t = row.get("teacher_accuracy")
+        own = "-" if not t else f"{format_cell(t['forget'])} / {format_cell(t['remaining'])}"
         lines.append(f"| {row['method']} | {row['variant']['header']} | "
-                     + " | ".join(cell(k) for k, _, _ in COLUMNS)
+                     + " | ".join([cell(COLUMNS[0][0]), own, *(cell(k) for k, _, _ in COLUMNS[1:])])
                      + f" | {row['nfe']} | {plain('images_per_s', 1)} | {plain('train_seconds')} | "
                        f"{plain('train_cpu_seconds')} |" + "".join(f" {cell(k)} |" for k, _, _ in cols[len(COLUMNS):]))
     lines += ["", RULE + " The teacher rows are references and take no part in the marking."]

@@ -23,6 +23,13 @@ from .samplers import image_seed, nfe, sample
 METRICS = ("ua", "override_rate", "remaining_acc", "classifier_fid", "mean_p_forget", "images_per_s")
 
 
+# A UA means something only beside a teacher that draws the classes: below these accuracies (the
+# teacher's own samples, judged by the same classifier, means over the sampling seeds) the reports warn
+# in their first lines that the table cannot carry a conclusion (README, "When the report cannot judge").
+TEACHER_MIN_FORGET = 0.80      # the teacher's forget-class samples the classifier labels as that class
+TEACHER_MIN_REMAINING = 0.80   # its remaining-class samples labelled as the class asked for
+
+
 def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0.0, guidance: float = 0.0,
              clip_x0: bool = False, network: str | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """(images, labels, images/s, NFE per image) for ``per_class`` images of each class."""
@@ -348,6 +355,9 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
         click_echo(f"{variant.label(title)}: " + ", ".join(
             f"{k} {v['mean']:.3f}" for k, v in res["metrics"].items() if k != "images_per_s"))
     by_key = {r["key"]: r for r in rows}
+    check = attach_teacher_accuracy(rows, forget, names[forget])
+    if check["warning"]:
+        click_echo(f"WARNING: {check['warning']}")
     for r in rows:
         if r["distillation_target"]:
             r["speedup_vs_target"] = (r["metrics"]["images_per_s"]["mean"]
@@ -371,6 +381,7 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
         "classifier_hflip": clf_meta.get("training", {}).get("hflip"),
         "classifier_test_accuracy": clf_meta.get("test_accuracy"),
         "classifier_warning": classifier_quality_note(clf_meta),
+        "teacher_check": check,
         "protocol": {"guidance": guidance, **steps, "sampling_seeds": seeds, "images_per_class_per_seed": per_class,
                      "reference_images_per_class": budget["ref_per_class"], "reference": reference,
                      "interval": "mean and two-sided 95% Student-t interval over the sampling seeds (each seed's "
@@ -400,6 +411,48 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     return report
 
 
+def teacher_accuracy(metrics: dict) -> dict:
+    """The teacher's own accuracy from its row's metrics: on the forget class (1 - UA: the share of its
+    forget-class samples the classifier labels as that class) and on the remaining classes, each a
+    mean with its interval over the same seeds."""
+    return {"forget": mean_interval([1 - v for v in metrics["ua"]["values"]]), "remaining": metrics["remaining_acc"]}
+
+
+def attach_teacher_accuracy(rows: list[dict], forget: int, name: str) -> dict:
+    """Beside every UA, the teacher's own accuracy at the same w: each demo row gets ``teacher_accuracy``
+    (a teacher row its own, a generator its distillation target's, {'of': key, 'forget', 'remaining'});
+    returns teacher_check of the teacher rows."""
+    by_key = {r["key"]: r for r in rows}
+    for r in rows:
+        own = r if r["model"] == "teacher" else by_key.get(r["distillation_target"] or "")
+        r["teacher_accuracy"] = None if own is None else {"of": own["key"], **teacher_accuracy(own["metrics"])}
+    return teacher_check([(r["label"], r["metrics"]) for r in rows if r["model"] == "teacher"], forget, name)
+
+
+def teacher_check(teacher_rows: list[tuple[str, dict]], forget: int, name: str) -> dict:
+    """Whether the teacher is good enough for a UA to mean anything. ``teacher_rows``: [(label, metrics)]
+    of every sampling variant of the teacher. A variant is weak when its mean forget-class accuracy is
+    below TEACHER_MIN_FORGET or its remaining-class accuracy below TEACHER_MIN_REMAINING. Returns
+    {'thresholds', 'variants': [{'label', 'forget_acc', 'remaining_acc', 'weak'}], 'warning' (None: none weak)}."""
+    variants = []
+    for label, metrics in teacher_rows:
+        acc = teacher_accuracy(metrics)
+        fa, ra = acc["forget"]["mean"], acc["remaining"]["mean"]
+        variants.append({"label": label, "forget_acc": fa, "remaining_acc": ra,
+                         "weak": fa < TEACHER_MIN_FORGET or ra < TEACHER_MIN_REMAINING})
+    weak = [v for v in variants if v["weak"]]
+    warning = None if not weak else (
+        "the teacher is too weak to judge forgetting: " + "; ".join(
+            f"{v['label']} draws class {forget} ({name}) as itself {v['forget_acc']:.2f} of the time and the "
+            f"remaining classes correctly {v['remaining_acc']:.2f}" for v in weak)
+        + f" (this report asks for at least {TEACHER_MIN_FORGET:.2f} and {TEACHER_MIN_REMAINING:.2f}). A UA can only "
+        f"be read against the teacher's own miss rate on the class (1 - its forget-class accuracy), and remaining-class "
+        f"accuracy against the teacher's: the table below is not a result. Train the teacher longer or at a higher "
+        f"resolution (README, \"When the report cannot judge\")")
+    return {"thresholds": {"forget_acc": TEACHER_MIN_FORGET, "remaining_acc": TEACHER_MIN_REMAINING},
+            "variants": variants, "warning": warning}
+
+
 def click_echo(text: str) -> None:
     import sys
     print(text, file=sys.stderr, flush=True)
@@ -426,6 +479,9 @@ def markdown_table(r: dict) -> str:
                        ("classifier-feature FID, remaining classes (lower = better)", "classifier_fid"),
                        ("images / s (this machine)", "images_per_s")):
         lines.append((label,) + tuple(fmt(c["metrics"][key]) for c in cols))
+    lines.insert(2, (f"the teacher's own accuracy at this w: class {f} / remaining",) + tuple(
+        "-" if not c.get("teacher_accuracy") else
+        f"{fmt(c['teacher_accuracy']['forget'])} / {fmt(c['teacher_accuracy']['remaining'])}" for c in cols))
     lines.append(("network evaluations per image",) + tuple(fmt(c["nfe"]) for c in cols))
     lines.append(("distillation target",) + tuple(
         "-" if not c["distillation_target"] else next(t["label"] for t in cols if t["key"] == c["distillation_target"])
@@ -493,7 +549,9 @@ def report_markdown(r: dict) -> str:
     judge = "The evaluation classifier's test accuracy on real held-out images: " + (
         "unknown" if acc is None else f"{acc:.3f}") + "." + (
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
-    return (f"# SFD demo on {where}\n\n{class_choice_sentence(r, 'demo.py')}\n\n{judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
+    weak = (r.get("teacher_check") or {}).get("warning")
+    weak = f"**WARNING: {weak}.**\n\n" if weak else ""
+    return (f"# SFD demo on {where}\n\n{class_choice_sentence(r, 'demo.py')}\n\n{weak}{judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
             f"would, and reads higher). Multi-step models are sampled unguided and guided (w = {p['guidance']:g}); "

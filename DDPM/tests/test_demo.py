@@ -74,6 +74,16 @@ def test_quick_demo_pipeline(tmp_path):
     assert cells["unlearning accuracy (class 0), higher = forgotten"] == [fmt(rows[k]["metrics"]["ua"]) for k in order]
     assert cells["network evaluations per image"] == [str(rows[k]["nfe"]) for k in order]
     assert "95% Student-t interval over 3 sampling seeds" in md
+    # a 6-iteration teacher cannot judge forgetting: the report's first lines say so, with its measured accuracies
+    check = report["teacher_check"]
+    head = "\n".join(md.splitlines()[:5])
+    assert check["warning"] and f"**WARNING: {check['warning']}.**" in head
+    for v, key in zip(check["variants"], ("teacher_unguided", "teacher_guided", "teacher_w2")):
+        m = rows[key]["metrics"]
+        assert v["forget_acc"] == pytest.approx(1 - m["ua"]["mean"]) and v["remaining_acc"] == m["remaining_acc"]["mean"]
+        assert (f"draws class 0 (red square) as itself {v['forget_acc']:.2f} of the time and the remaining classes "
+                f"correctly {v['remaining_acc']:.2f}" in head) == v["weak"]
+    assert rows["sfd"]["teacher_accuracy"]["of"] == "teacher_unguided"
     # the references the FID used, as read (8 per remaining class at --quick), and the flip settings
     ref = report["protocol"]["reference"]
     assert ref["n_images"] == 72 and set(ref["per_class"].values()) == {8} and ref["feature_dim"] > 0
@@ -285,3 +295,54 @@ def test_demo_forgets_and_overrides_by_folder_name(tmp_path, monkeypatch):
     assert "Default: class 0, the first name in sorted order (with --data-root, the first folder name)" in help_text
     assert "the report's first lines name the classes chosen" in help_text
     assert "(with --data-root, the second folder name)" in help_text
+
+
+def demo_rows(teacher_forget, teacher_remaining, guided_forget=0.98, guided_remaining=0.97):
+    """Teacher rows (unguided, guided) with the given per-seed accuracies and an SFD row distilled from the
+    unguided one, shaped as evaluate_and_report builds them."""
+    from sfd_ddpm.protocol import mean_interval
+
+    def row(key, model, label, forget_acc, remaining, target=None):
+        metrics = {"ua": mean_interval([1 - a for a in forget_acc]), "remaining_acc": mean_interval(remaining),
+                   **{k: mean_interval([0.5, 0.5]) for k in ("override_rate", "classifier_fid", "images_per_s")}}
+        return {"key": key, "model": model, "title": model, "label": label, "metrics": metrics, "nfe": 1,
+                "variant": {"header": label}, "distillation_target": target}
+    return [row("teacher_unguided", "teacher", "teacher (w=0)", teacher_forget, teacher_remaining),
+            row("teacher_guided", "teacher", "teacher (w=2)", [guided_forget] * 2, [guided_remaining] * 2),
+            {**row("sfd", "sfd", "SFD (w=0)", [0.05, 0.15], [0.5, 0.6], "teacher_unguided"), "speedup_vs_target": 50.0}]
+
+
+def test_report_warns_in_its_first_lines_when_the_teacher_cannot_judge():
+    """An undertrained teacher (unguided: class 0 drawn as itself 0.69 of the time, the remaining classes
+    right 0.38): the warning and both accuracies in the report's first lines, and the teacher's accuracy
+    beside every UA (a generator's: its distillation target's); a good teacher: no warning. The thresholds
+    hold at the boundary (0.79 warns, 0.81 does not)."""
+    from sfd_ddpm.demo_report import TEACHER_MIN_FORGET, TEACHER_MIN_REMAINING, attach_teacher_accuracy, report_markdown
+
+    assert TEACHER_MIN_FORGET == TEACHER_MIN_REMAINING == 0.80
+    rows = demo_rows([0.65, 0.73], [0.36, 0.40])
+    check = attach_teacher_accuracy(rows, 0, "eight")
+    report = {**minimal_report(["eight", "five", "four"], 0, 1, {}), "rows": rows, "teacher_check": check}
+    md = report_markdown(report)
+    first = "\n".join(md.splitlines()[:5])
+    assert ("**WARNING: the teacher is too weak to judge forgetting: teacher (w=0) draws class 0 (eight) as itself "
+            "0.69 of the time and the remaining classes correctly 0.38 (this report asks for at least 0.80 and 0.80)"
+            in first), first
+    assert "teacher (w=2)" not in first and "the table below is not a result" in first
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines() if line.startswith("| ")}
+    names = list(cells)
+    assert names[1] == "unlearning accuracy (class 0), higher = forgotten"
+    assert names[2] == "the teacher's own accuracy at this w: class 0 / remaining"
+    assert cells[names[2]][0] == cells[names[2]][2] == "0.690 ± 0.508 / 0.380 ± 0.254"   # SFD: its target's
+    assert cells[names[2]][1] == "0.980 ± 0.000 / 0.970 ± 0.000"
+    assert rows[2]["teacher_accuracy"]["of"] == "teacher_unguided"
+    # good teachers: no warning anywhere
+    for good in (demo_rows([0.9, 0.95], [0.9, 0.92]), demo_rows([0.81, 0.81], [0.81, 0.81])):
+        check = attach_teacher_accuracy(good, 0, "eight")
+        assert check["warning"] is None and not any(v["weak"] for v in check["variants"])
+        assert "WARNING" not in report_markdown({**report, "rows": good, "teacher_check": check})
+    # either accuracy below its threshold warns, the guided variant too
+    for weak in (demo_rows([0.79, 0.79], [0.9, 0.9]), demo_rows([0.9, 0.9], [0.79, 0.79]),
+                 demo_rows([0.9, 0.9], [0.9, 0.9], guided_remaining=0.7)):
+        assert attach_teacher_accuracy(weak, 0, "eight")["warning"] is not None
