@@ -138,13 +138,17 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Your own images instead of the built-in dataset: one sub-folder per class (class index = "
                    "position in the sorted folder names). Use a fresh --outdir per dataset.")
-@click.option("--image-size", type=click.IntRange(min=8), default=16,
-              help="With --data-root: images are resized and centre-cropped to this many pixels.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="With --data-root: images are resized and centre-cropped to this many pixels. Default: from the "
+                   "images (their median shorter side, at most 32, a multiple of 4; --quick: at most 16), as demo.py.")
+@click.option("--teacher-minutes", type=click.FloatRange(min=0, min_open=True), default=6.0,
+              help="With --data-root, when no demo teacher is reused: the teacher's time budget, sized to the folder "
+                   "as demo.py's (README \"A teacher sized to your folder\").")
 @click.option("--quick", is_flag=True, help="Tiny budget (numbers meaningless): checks the pipeline runs.")
 @click.option("--pipeline", "pipeline_spec", type=click.Path(dir_okay=False), hidden=True,
               help="Internal: run the one (method, seed) pipeline described by this JSON file.")
 def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class, ddim_steps, guidance, jobs, attack_budget, no_attacks,
-         data_root, image_size, quick, pipeline_spec):
+         data_root, image_size, teacher_minutes, quick, pipeline_spec):
     """Train, sample, measure and attack every method at every seed; write compare.json and compare.md."""
     if pipeline_spec:
         return pipeline(json.loads(Path(pipeline_spec).read_text()))
@@ -159,7 +163,11 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
                                  param_hint="--methods")
     skipped = [m for m in names if not available(m)]
     names = [m for m in names if m not in skipped]
+    from sfd_ddpm import teacher_budget as tb
     try:
+        if image_size is None:   # the built-in dataset: 16 px; a folder: from its images (as demo.py)
+            image_size = 16 if data_root is None else tb.native_image_size(
+                data_root, tb.QUICK_MAX_IMAGE_SIZE if quick else tb.MAX_IMAGE_SIZE)
         data_args = dataset_overrides(data_root, image_size)
         class_names = dataset_class_names(data_root, image_size)
         choice = {"forget": forget, "override": override}   # as given (None: the default)
@@ -194,19 +202,45 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
             wait(start(classifier_command(clf_path, data_root, image_size, quick), log), "classifier", log)
         elif why := reuse_mismatch("classifier", clf_path, data_root, image_size):
             raise click.UsageError(f"{why}; give another --outdir (or delete it)")
-    teacher_run = None if quick else finished_run(demo / "teacher")
-    if (teacher_run is None or not (teacher_run / "network-0000800.safetensors").exists()
-            or reuse_mismatch("teacher", teacher_run, data_root, image_size)):
-        teacher_run = finished_run(out / "teacher")
-        if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
-            raise click.UsageError(f"{why}; give another --outdir (or delete it)")
-        if teacher_run is None:
-            log = out / "teacher.log"
-            wait(start(["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher", *model_args,
-                        *(["training.n_iters=4", "training.batch_size=8", "training.snapshot_every=4"] if quick else [])],
-                       log), "teacher", log)
+    if data_root:   # a folder: the demo's sized teacher when it has one for this data, else one sized here
+        teacher = None if quick else tb.finished_sized_teacher(demo / "teacher")
+        if teacher is not None and reuse_mismatch("teacher", teacher.parent, data_root, image_size):
+            teacher = None
+        if teacher is None:
+            teacher = tb.finished_sized_teacher(out / "teacher")
+            if teacher is not None and (why := reuse_mismatch("teacher", teacher.parent, data_root, image_size)):
+                raise click.UsageError(f"{why}; give another --outdir (or delete it)")
+        if teacher is None:
+            from sfd_ddpm.config import load_config
+            from sfd_ddpm.folder_data import scan
+            chunks = []
+
+            def run_chunk(cmd):   # one log per train.py command of the sized teacher
+                log = out / f"teacher-{len(chunks)}.log"
+                chunks.append(log)
+                wait(start(cmd, log), "teacher", log)
+            quick_args = ["training.batch_size=8"] if quick else []
+            batch = load_config(TREE / "configs/builtin_train.yaml", model_args + quick_args)["training"]["batch_size"]
+            rec = tb.train_sized_teacher(
+                out / "teacher", ["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher",
+                                  *tb.GRID, *model_args, *quick_args], len(scan(data_root)["files"]["train"]),
+                int(batch), teacher_minutes, clf_path, forget, run_chunk, tb.QUICK_RULE if quick else tb.RULE)
+            click.echo(tb.stop_sentence(rec), err=True)
+            teacher = Path(rec["checkpoint"])
+    else:           # the built-in dataset: the demo's 800-iteration teacher, else one trained here
+        teacher_run = None if quick else finished_run(demo / "teacher")
+        if (teacher_run is None or not (teacher_run / "network-0000800.safetensors").exists()
+                or reuse_mismatch("teacher", teacher_run, data_root, image_size)):
             teacher_run = finished_run(out / "teacher")
-    teacher = sorted(teacher_run.glob("network-*.safetensors"))[-1]
+            if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
+                raise click.UsageError(f"{why}; give another --outdir (or delete it)")
+            if teacher_run is None:
+                log = out / "teacher.log"
+                wait(start(["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher",
+                            *model_args, *(["training.n_iters=4", "training.batch_size=8", "training.snapshot_every=4"]
+                                           if quick else [])], log), "teacher", log)
+                teacher_run = finished_run(out / "teacher")
+        teacher = sorted(teacher_run.glob("network-*.safetensors"))[-1]
     click.echo(f"teacher: {teacher}\nclassifier: {clf_path}", err=True)
     reference, flips = fid_references(teacher, clf_path, forget, ref_per_class, per_class * (len(class_names) - 1))
     setup_seconds = time.perf_counter() - t_all
@@ -244,6 +278,8 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
               "teacher": str(teacher), "classifier": str(clf_path), "methods": [], "rows": [],
               "stage_seconds": {"classifier_and_teacher": setup_seconds, "pipelines": pipelines_seconds},
               "pipelines": results}
+    checks = Path(teacher).parent / tb.CHECKS_FILE
+    report["teacher_training"] = json.loads(checks.read_text()) if checks.exists() else None
     report["methods"] = ["teacher", *names]
     report["rows"] = table_rows(results, report["methods"])
     from sfd_ddpm.demo_report import teacher_check
@@ -460,6 +496,7 @@ def attack_summary(path) -> dict:
 
 def markdown(r: dict) -> str:
     from sfd_ddpm.demo_report import class_choice_sentence, flip_sentence, reference_sentence, teacher_check
+    from sfd_ddpm.teacher_budget import stop_sentence
     from sfd_ddpm.protocol import RULE, format_cell
     n = len(r["seeds"])
     p = r["protocol"]
@@ -487,6 +524,7 @@ def markdown(r: dict) -> str:
              f"ran at a time, so wall times include contention; CPU seconds do not. Total {r['seconds']:.0f} s."
              + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else "")
              + ("" if acc is None else f" The judging classifier's test accuracy on real test images: {acc:.3f}.")
+             + ("" if not r.get("teacher_training") else " " + stop_sentence(r["teacher_training"]))
              + ("" if "random_flip" not in r else " " + flip_sentence(r["random_flip"], r.get("classifier_hflip"))),
              ""]
     for warning in (r.get("classifier_warning"), ref and ref["warning"]):

@@ -93,8 +93,14 @@ def finished_run(parent: Path, final: str) -> Path | None:
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Your own images instead of the built-in dataset: a folder with one sub-folder per class "
                    "(class index = sorted folder names). Use a fresh --outdir per dataset.")
-@click.option("--image-size", type=click.IntRange(min=8), default=16,
-              help="With --data-root: images are resized and centre-cropped to this many pixels.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="With --data-root: images are resized and centre-cropped to this many pixels. Default: from the "
+                   "images (their median shorter side, at most 32, a multiple of 4; --quick: at most 16).")
+@click.option("--teacher-minutes", type=click.FloatRange(min=0, min_open=True), default=6.0,
+              help="With --data-root: the teacher's time budget. It trains in epochs, checked every few epochs by the "
+                   "classifier's accuracy on its own unguided samples, and stops once that reaches 0.90, when the "
+                   "next chunk would not fit this budget, or at 100 epochs (README \"A teacher sized to your "
+                   "folder\"); the checks go to teacher_checks.json in its run folder.")
 @click.option("--quick", is_flag=True, help="Tiny budget (seconds; numbers meaningless): checks the pipeline runs.")
 @click.option("--retrain-teacher", is_flag=True, help="Pretrain a new teacher even if one is present.")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default="ddpm",
@@ -109,8 +115,8 @@ def finished_run(parent: Path, final: str) -> Path | None:
               help="Config of the second SFD run, the one that distils the guided teacher. Default: "
                    "configs/builtin_sfd_guided.yaml (ddpm backbone; none exists for edm, whose guided run is "
                    "skipped with the reason in the report).")
-def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher, backbone, guidance, sampling_seeds,
-         guided_config):
+def main(outdir, forget, override, data_root, image_size, teacher_minutes, quick, retrain_teacher, backbone, guidance,
+         sampling_seeds, guided_config):
     """Pretrain, forget, sample, evaluate and report on the built-in dataset (or --data-root)."""
     from sfd_ddpm.data import resolve_class
     # Paths the user gave are relative to the current directory; the stages run inside DDPM/, so make them absolute.
@@ -118,7 +124,11 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     guided_config = str(Path(guided_config).resolve()) if guided_config else None
     from sfd_ddpm.demo_report import (class_args, classifier_command, dataset_class_names, dataset_overrides,
                                       default_dir, folder_shortfall, reuse_mismatch)
+    from sfd_ddpm import teacher_budget as tb
     try:
+        if image_size is None:   # the built-in dataset: 16 px; a folder: from its images
+            image_size = 16 if data_root is None else tb.native_image_size(
+                data_root, tb.QUICK_MAX_IMAGE_SIZE if quick else tb.MAX_IMAGE_SIZE)
         names = dataset_class_names(data_root, image_size)
         data_args = dataset_overrides(data_root, image_size)
         choice = {"forget": forget, "override": override}   # as given (None: the default)
@@ -155,15 +165,29 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     t0 = time.perf_counter()
     from sfd_ddpm.config import load_config
     teacher_cfg = load_config(TREE / teacher_yaml, budget["teacher"] + data_args)
-    final = f"network-{teacher_cfg['training']['n_iters']:07d}.safetensors"
-    teacher_run = None if retrain_teacher else finished_run(out / "teacher", final)
+    if data_root is None:   # the built-in dataset: the config's fixed, known-good budget
+        final = f"network-{teacher_cfg['training']['n_iters']:07d}.safetensors"
+        teacher_run = None if retrain_teacher else finished_run(out / "teacher", final)
+    else:                   # a folder: sized to it (sfd_ddpm/teacher_budget.py)
+        found = None if retrain_teacher else tb.finished_sized_teacher(out / "teacher")
+        teacher_run, final = (None, None) if found is None else (found.parent, found.name)
     if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
         raise click.UsageError(f"{why}; give another --outdir or --retrain-teacher")
-    if teacher_run is None:
+    if teacher_run is not None:
+        click.echo(f"reusing the teacher in {teacher_run}", err=True)
+    elif data_root is None:
         run(["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *budget["teacher"], *data_args])
         teacher_run = finished_run(out / "teacher", final)
     else:
-        click.echo(f"reusing the teacher in {teacher_run}", err=True)
+        from sfd_ddpm.folder_data import scan
+        sized = [o for o in budget["teacher"] if not o.startswith(("training.n_iters=", "training.snapshot_every="))]
+        rec = tb.train_sized_teacher(
+            out / "teacher", ["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *tb.GRID, *sized,
+                              *data_args],
+            len(scan(data_root)["files"]["train"]), int(teacher_cfg["training"]["batch_size"]), teacher_minutes,
+            clf_path, forget, run, tb.QUICK_RULE if quick else tb.RULE)
+        teacher_run, final = Path(rec["checkpoint"]).parent, Path(rec["checkpoint"]).name
+        click.echo(tb.stop_sentence(rec), err=True)
     teacher_ckpt = teacher_run / final
     seconds["teacher"] = time.perf_counter() - t0
 

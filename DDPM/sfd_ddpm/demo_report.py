@@ -18,6 +18,7 @@ from .metrics.record import library_versions
 from .metrics.ua import evaluate_ua
 from .protocol import Variant, mean_interval
 from .samplers import image_seed, nfe, sample
+from .teacher_budget import CHECKS_FILE, stop_sentence
 
 # The numbers every report gives per row, each a mean with a 95% interval over seeds.
 METRICS = ("ua", "override_rate", "remaining_acc", "classifier_fid", "mean_p_forget", "images_per_s")
@@ -382,6 +383,8 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
         "classifier_test_accuracy": clf_meta.get("test_accuracy"),
         "classifier_warning": classifier_quality_note(clf_meta),
         "teacher_check": check,
+        "teacher_training": (json.loads((Path(teacher_ckpt).parent / CHECKS_FILE).read_text())
+                             if (Path(teacher_ckpt).parent / CHECKS_FILE).exists() else None),
         "protocol": {"guidance": guidance, **steps, "sampling_seeds": seeds, "images_per_class_per_seed": per_class,
                      "reference_images_per_class": budget["ref_per_class"], "reference": reference,
                      "interval": "mean and two-sided 95% Student-t interval over the sampling seeds (each seed's "
@@ -551,6 +554,8 @@ def report_markdown(r: dict) -> str:
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
     weak = (r.get("teacher_check") or {}).get("warning")
     weak = f"**WARNING: {weak}.**\n\n" if weak else ""
+    if r.get("teacher_training"):
+        judge += " " + stop_sentence(r["teacher_training"])
     return (f"# SFD demo on {where}\n\n{class_choice_sentence(r, 'demo.py')}\n\n{weak}{judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "

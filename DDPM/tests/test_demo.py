@@ -262,7 +262,16 @@ def test_demo_forgets_and_overrides_by_folder_name(tmp_path, monkeypatch):
     root = image_folder(tmp_path / "digits", {"eight": 15, "five": 15, "four": 15})
     seen = {}
     monkeypatch.setattr(demo, "run", lambda cmd: seen.setdefault("stages", []).append([str(c) for c in cmd]))
-    monkeypatch.setattr(demo, "finished_run", lambda parent, final: tmp_path / "teacher_run")
+    from sfd_ddpm import teacher_budget
+
+    def sized_teacher(parent, cmd, n_train, batch, minutes, clf, forget, run, rule):
+        seen["teacher"] = {"cmd": [str(c) for c in cmd], "n_train": n_train, "batch": batch, "minutes": minutes,
+                           "forget": forget, "rule": rule}
+        return {"checkpoint": str(tmp_path / "teacher_run" / "network-0000042.safetensors"), "checks": [
+            {"epoch": 1, "accuracy": 0.5, "forget_acc": 0.5, "remaining_acc": 0.5}], "epochs": 1, "iterations": 42,
+            "batch_size": batch, "n_train": n_train, "seconds": 1.0, "stop_reason": "time", "budget_minutes": minutes,
+            "rule": rule}
+    monkeypatch.setattr(teacher_budget, "train_sized_teacher", sized_teacher)
 
     def run_parallel(jobs, logs):
         seen["jobs"] = {k: [str(c) for c in v] for k, v in jobs.items()}
@@ -274,8 +283,22 @@ def test_demo_forgets_and_overrides_by_folder_name(tmp_path, monkeypatch):
                         lambda *a, **kw: seen.update(forget=a[4], override=a[5], choice=kw["class_choice"]))
     args = ["--quick", "--data-root", str(root), "--image-size", "8", "--outdir", str(tmp_path / "out"),
             "--retrain-teacher"]
-    result = CliRunner().invoke(demo.main, [*args, "--forget", "four", "--override", "eight"])
+    result = CliRunner().invoke(demo.main, [*args, "--forget", "four", "--override", "eight", "--teacher-minutes", "2.5"])
     assert result.exit_code == 0, result.output
+    # the teacher is sized to the folder: its 39 training images (15 a class, 2 held out), the budget given, the
+    # quick rule; its command trains on the folder at 8 px, without the fixed iteration count, and no flips
+    t = seen["teacher"]
+    assert (t["n_train"], t["batch"], t["minutes"], t["forget"], t["rule"]) == (39, 8, 2.5, 2, teacher_budget.QUICK_RULE)
+    assert "data.image_size=8" in t["cmd"] and f"data.root={root}" in t["cmd"]
+    assert not any(c.startswith("training.n_iters=") for c in t["cmd"])
+    from sfd_ddpm.config import load_config
+    from sfd_ddpm.data import with_flip_resolved
+    cfg = load_config(demo.TREE / t["cmd"][t["cmd"].index("--config") + 1], t["cmd"][t["cmd"].index("--outdir") + 2:])
+    assert with_flip_resolved(cfg)["data"]["random_flip"] is False
+    assert all(c.split("=")[0] in [k.split("=")[0] for k in t["cmd"]] for c in teacher_budget.GRID)
+    assert "Teacher sized to the folder: 1 epochs (42 iterations" in result.output
+    assert all(f"sfd.init={tmp_path / 'teacher_run' / 'network-0000042.safetensors'}" in cmd
+               for cmd in seen["jobs"].values())
     assert (seen["forget"], seen["override"]) == (2, 0) and seen["choice"] == {"forget": "four", "override": "eight"}
     for cmd in seen["jobs"].values():
         assert "sfd.forget=[index:2]" in cmd and "sfd.override=index:0" in cmd
@@ -287,6 +310,12 @@ def test_demo_forgets_and_overrides_by_folder_name(tmp_path, monkeypatch):
     result = CliRunner().invoke(demo.main, args)
     assert result.exit_code == 0, result.output
     assert (seen["forget"], seen["override"]) == (0, 1) and seen["choice"] == {"forget": None, "override": None}
+    assert seen["teacher"]["minutes"] == 6.0   # the default budget
+    # no --image-size: the images' own size (12 px here; the built-in dataset's 16 before)
+    wide = image_folder(tmp_path / "wide", {"a": 15, "b": 15}, size=12)
+    result = CliRunner().invoke(demo.main, ["--quick", "--data-root", str(wide), "--outdir", str(tmp_path / "out2")])
+    assert result.exit_code == 0, result.output
+    assert "data.image_size=12" in seen["teacher"]["cmd"]
     assert all("sfd.forget=[index:0]" in cmd for cmd in seen["jobs"].values())
     first = report_markdown(minimal_report(["eight", "five", "four"], 0, 1, seen["choice"])).splitlines()[2]
     assert first.startswith("**Forget class 0 (eight) into override 1 (five)**, the defaults: the first two folder "
