@@ -10,8 +10,12 @@ interval over the seeds -> report.json, report.md, a picture of every model's sa
 of both SFD runs (from their snapshots). Every stage is timed.
 
 --data-root DIR runs the same pipeline on your own images (one sub-folder per class, see README "Your own
-images"): the classifier with the folder recipe, the teacher and both SFD runs with the folder's
-data overrides, FID against the folder's held-out split, class names from the folder names.
+images"): the classifier with the folder recipe, a teacher sized to the folder (epochs within
+--teacher-minutes, stopped early by the classifier's accuracy on its samples: sfd_ddpm/teacher_budget.py)
+at the images' own resolution (at most 32 px), both SFD runs with the folder's data overrides, FID
+against the folder's held-out split, class names from the folder names. The report's first lines name
+the forget and override classes (default: the first two folder names) and warn when the teacher is
+too weak for its UA to mean anything.
 
 The training stages run the real entry scripts (train_classifier.py, train.py), so the commands it
 prints are the ones a user would type.
