@@ -115,6 +115,16 @@ MUTANTS = [
      "    state = method.state_dict()", "a non-finite state is saved and rotates the finite one away"),
     ("sfd_ddpm/training.py", "    weights = method.weights()\n    _refuse_non_finite(weights, run_dir, done)",
      "    weights = method.weights()", "a non-finite snapshot is saved"),
+    # the demo on a folder: classes by name, a teacher sized to it and judged before the table
+    # (tests/test_demo.py, tests/test_compare.py, tests/test_teacher_budget.py)
+    ("demo.py", 'forget = resolve_class("index:0" if forget is None else forget', 'forget = resolve_class("index:0"',
+     "demo --forget ignored"),
+    ("sfd_ddpm/demo_report.py", '"weak": fa < TEACHER_MIN_FORGET or ra < TEACHER_MIN_REMAINING',
+     '"weak": fa < TEACHER_MIN_FORGET', "a teacher weak on the remaining classes passes"),
+    ("sfd_ddpm/teacher_budget.py", '"time" if (now - t0) + (now - t_chunk) > minutes * 60',
+     '"time" if (now - t0) > minutes * 60', "the teacher budget ignores the next chunk"),
+    ("sfd_ddpm/teacher_budget.py", 'measured["accuracy"] >= rule["stop_accuracy"]', 'measured["accuracy"] > 1.0',
+     "the teacher never stops early"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
