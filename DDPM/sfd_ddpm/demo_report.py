@@ -549,13 +549,12 @@ def report_markdown(r: dict) -> str:
             else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
     warn = f"\n\n**WARNING: {ref['warning']}.**" if ref and ref["warning"] else ""
     flips = "" if "random_flip" not in d else " " + flip_sentence(d["random_flip"], r.get("classifier_hflip"))
+    trained = "" if not r.get("teacher_training") else " " + stop_sentence(r["teacher_training"])
     judge = "The evaluation classifier's test accuracy on real held-out images: " + (
-        "unknown" if acc is None else f"{acc:.3f}") + "." + (
+        "unknown" if acc is None else f"{acc:.3f}") + "." + trained + (
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
     weak = (r.get("teacher_check") or {}).get("warning")
     weak = f"**WARNING: {weak}.**\n\n" if weak else ""
-    if r.get("teacher_training"):
-        judge += " " + stop_sentence(r["teacher_training"])
     return (f"# SFD demo on {where}\n\n{class_choice_sentence(r, 'demo.py')}\n\n{weak}{judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
