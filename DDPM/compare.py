@@ -109,11 +109,14 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
 @click.option("--demo", type=click.Path(file_okay=False), default=None,
               help="A `make demo` folder whose teacher and classifier are reused when present. Default: runs/demo "
                    "at the repository root (where `make demo` writes), whatever the current directory.")
-@click.option("--forget", default="0",
+@click.option("--forget", default=None,
               help="Class every method forgets: a class name (a folder name with --data-root) or an index (0 = the "
                    "first name in sorted order). A value that names one class and indexes another (folders named "
-                   "1, 2, 3) is refused: write name:1 or index:1.")
-@click.option("--override", default="1", help="Override class of SFD (name or index, as --forget).")
+                   "1, 2, 3) is refused: write name:1 or index:1. Default: class 0, the first name in sorted order "
+                   "(with --data-root, the first folder name); the report's first lines name the classes chosen.")
+@click.option("--override", default=None,
+              help="Override class of SFD (name or index, as --forget). Default: class 1, the second name in sorted "
+                   "order (with --data-root, the second folder name).")
 @click.option("--methods", default=",".join(METHODS),
               help="Comma-separated subset (a method whose config is missing, VDU or guided SFD, is skipped).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2,
@@ -135,13 +138,17 @@ def timed(cmd: list, log: Path, what: str) -> tuple[float, float]:
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Your own images instead of the built-in dataset: one sub-folder per class (class index = "
                    "position in the sorted folder names). Use a fresh --outdir per dataset.")
-@click.option("--image-size", type=click.IntRange(min=8), default=16,
-              help="With --data-root: images are resized and centre-cropped to this many pixels.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="With --data-root: images are resized and centre-cropped to this many pixels. Default: from the "
+                   "images (their median shorter side, at most 32, a multiple of 4; --quick: at most 16), as demo.py.")
+@click.option("--teacher-minutes", type=click.FloatRange(min=0, min_open=True), default=6.0,
+              help="With --data-root, when no demo teacher is reused: the teacher's time budget, sized to the folder "
+                   "as demo.py's (README \"A teacher sized to your folder\").")
 @click.option("--quick", is_flag=True, help="Tiny budget (numbers meaningless): checks the pipeline runs.")
 @click.option("--pipeline", "pipeline_spec", type=click.Path(dir_okay=False), hidden=True,
               help="Internal: run the one (method, seed) pipeline described by this JSON file.")
 def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class, ddim_steps, guidance, jobs, attack_budget, no_attacks,
-         data_root, image_size, quick, pipeline_spec):
+         data_root, image_size, teacher_minutes, quick, pipeline_spec):
     """Train, sample, measure and attack every method at every seed; write compare.json and compare.md."""
     if pipeline_spec:
         return pipeline(json.loads(Path(pipeline_spec).read_text()))
@@ -156,11 +163,16 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
                                  param_hint="--methods")
     skipped = [m for m in names if not available(m)]
     names = [m for m in names if m not in skipped]
+    from sfd_ddpm import teacher_budget as tb
     try:
+        if image_size is None:   # the built-in dataset: 16 px; a folder: from its images (as demo.py)
+            image_size = 16 if data_root is None else tb.native_image_size(
+                data_root, tb.QUICK_MAX_IMAGE_SIZE if quick else tb.MAX_IMAGE_SIZE)
         data_args = dataset_overrides(data_root, image_size)
         class_names = dataset_class_names(data_root, image_size)
-        forget = resolve_class(forget, class_names, "--forget")
-        override = resolve_class(override, class_names, "--override")
+        choice = {"forget": forget, "override": override}   # as given (None: the default)
+        forget = resolve_class("index:0" if forget is None else forget, class_names, "--forget")
+        override = resolve_class("index:1" if override is None else override, class_names, "--override")
         too_small = folder_shortfall(data_root, forget, vdu_forget_images() if "vdu" in names else 0)
     except ValueError as e:   # FolderError: empty folder, one class, unknown or ambiguous class, ...
         raise click.UsageError(str(e))
@@ -190,19 +202,45 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
             wait(start(classifier_command(clf_path, data_root, image_size, quick), log), "classifier", log)
         elif why := reuse_mismatch("classifier", clf_path, data_root, image_size):
             raise click.UsageError(f"{why}; give another --outdir (or delete it)")
-    teacher_run = None if quick else finished_run(demo / "teacher")
-    if (teacher_run is None or not (teacher_run / "network-0000800.safetensors").exists()
-            or reuse_mismatch("teacher", teacher_run, data_root, image_size)):
-        teacher_run = finished_run(out / "teacher")
-        if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
-            raise click.UsageError(f"{why}; give another --outdir (or delete it)")
-        if teacher_run is None:
-            log = out / "teacher.log"
-            wait(start(["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher", *model_args,
-                        *(["training.n_iters=4", "training.batch_size=8", "training.snapshot_every=4"] if quick else [])],
-                       log), "teacher", log)
+    if data_root:   # a folder: the demo's sized teacher when it has one for this data, else one sized here
+        teacher = None if quick else tb.finished_sized_teacher(demo / "teacher")
+        if teacher is not None and reuse_mismatch("teacher", teacher.parent, data_root, image_size):
+            teacher = None
+        if teacher is None:
+            teacher = tb.finished_sized_teacher(out / "teacher")
+            if teacher is not None and (why := reuse_mismatch("teacher", teacher.parent, data_root, image_size)):
+                raise click.UsageError(f"{why}; give another --outdir (or delete it)")
+        if teacher is None:
+            from sfd_ddpm.config import load_config
+            from sfd_ddpm.folder_data import scan
+            chunks = []
+
+            def run_chunk(cmd):   # one log per train.py command of the sized teacher
+                log = out / f"teacher-{len(chunks)}.log"
+                chunks.append(log)
+                wait(start(cmd, log), "teacher", log)
+            quick_args = ["training.batch_size=8"] if quick else []
+            batch = load_config(TREE / "configs/builtin_train.yaml", model_args + quick_args)["training"]["batch_size"]
+            rec = tb.train_sized_teacher(
+                out / "teacher", ["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher",
+                                  *tb.GRID, *model_args, *quick_args], len(scan(data_root)["files"]["train"]),
+                int(batch), teacher_minutes, clf_path, forget, run_chunk, tb.QUICK_RULE if quick else tb.RULE)
+            click.echo(tb.stop_sentence(rec), err=True)
+            teacher = Path(rec["checkpoint"])
+    else:           # the built-in dataset: the demo's 800-iteration teacher, else one trained here
+        teacher_run = None if quick else finished_run(demo / "teacher")
+        if (teacher_run is None or not (teacher_run / "network-0000800.safetensors").exists()
+                or reuse_mismatch("teacher", teacher_run, data_root, image_size)):
             teacher_run = finished_run(out / "teacher")
-    teacher = sorted(teacher_run.glob("network-*.safetensors"))[-1]
+            if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
+                raise click.UsageError(f"{why}; give another --outdir (or delete it)")
+            if teacher_run is None:
+                log = out / "teacher.log"
+                wait(start(["train.py", "--config", "configs/builtin_train.yaml", "--outdir", out / "teacher",
+                            *model_args, *(["training.n_iters=4", "training.batch_size=8", "training.snapshot_every=4"]
+                                           if quick else [])], log), "teacher", log)
+                teacher_run = finished_run(out / "teacher")
+        teacher = sorted(teacher_run.glob("network-*.safetensors"))[-1]
     click.echo(f"teacher: {teacher}\nclassifier: {clf_path}", err=True)
     reference, flips = fid_references(teacher, clf_path, forget, ref_per_class, per_class * (len(class_names) - 1))
     setup_seconds = time.perf_counter() - t_all
@@ -223,7 +261,7 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
     from sfd_ddpm.classifiers import classifier_quality_note, load_classifier
     clf_meta = load_classifier(clf_path)[1]
     report = {"forget_class": forget, "override_class": override, "forget_class_name": class_names[forget],
-              "override_class_name": class_names[override],
+              "override_class_name": class_names[override], "class_choice": choice,
               "dataset": {"name": "folder" if data_root else "builtin",
                           "root": str(Path(data_root).resolve()) if data_root else None,
                           "image_size": image_size if data_root else 16, "class_names": class_names},
@@ -240,8 +278,15 @@ def main(outdir, demo, forget, override, methods, seeds, iters, batch, per_class
               "teacher": str(teacher), "classifier": str(clf_path), "methods": [], "rows": [],
               "stage_seconds": {"classifier_and_teacher": setup_seconds, "pipelines": pipelines_seconds},
               "pipelines": results}
+    checks = Path(teacher).parent / tb.CHECKS_FILE
+    report["teacher_training"] = json.loads(checks.read_text()) if checks.exists() else None
     report["methods"] = ["teacher", *names]
     report["rows"] = table_rows(results, report["methods"])
+    from sfd_ddpm.demo_report import teacher_check
+    report["teacher_check"] = teacher_check([(row["label"], row["metrics"]) for row in report["rows"]
+                                             if row["method"] == "teacher"], forget, class_names[forget])
+    if report["teacher_check"]["warning"]:
+        click.echo(f"WARNING: {report['teacher_check']['warning']}", err=True)
     report["seconds"] = time.perf_counter() - t_all
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
@@ -408,6 +453,10 @@ def table_rows(results: list[dict], methods: list[str]) -> list[dict]:
                          "nfe": variant["nfe"], "competes": method != "teacher", "metrics": metrics,
                          "per_seed": per_seed, "distillation_target": None})
     teacher = {r["variant"]["w"]: r for r in rows if r["method"] == "teacher"}
+    from sfd_ddpm.demo_report import teacher_accuracy
+    for r in rows:   # beside every UA, the teacher's own accuracy at the row's w
+        own = teacher.get(r["variant"]["w"])
+        r["teacher_accuracy"] = None if own is None else {"of": own["label"], **teacher_accuracy(own["metrics"])}
     for r in rows:
         if r["variant"]["sampler"] == "one_step" and r["variant"]["w"] in teacher:
             r["distillation_target"] = teacher[r["variant"]["w"]]["label"]
@@ -446,7 +495,8 @@ def attack_summary(path) -> dict:
 
 
 def markdown(r: dict) -> str:
-    from sfd_ddpm.demo_report import flip_sentence, reference_sentence
+    from sfd_ddpm.demo_report import class_choice_sentence, flip_sentence, reference_sentence, teacher_check
+    from sfd_ddpm.teacher_budget import stop_sentence
     from sfd_ddpm.protocol import RULE, format_cell
     n = len(r["seeds"])
     p = r["protocol"]
@@ -462,6 +512,7 @@ def markdown(r: dict) -> str:
             else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
     lines = [f"# Unlearning methods on {where} (forget class {f}"
              + (f", {names[f]}, into {o}, {names[o]}" if names else "") + ")\n",
+             class_choice_sentence({**r, "dataset": d}, "compare.py"), "",
              f"Fine-tuning methods: {r['iters']} iterations at global batch {r['batch']} each, from the same teacher; "
              f"Retrain: builtin_retrain.yaml from scratch. Every cell is the mean ± the half-width of a two-sided 95% "
              f"Student-t interval over {n} seed{'s' * (n > 1)} (seed k: training, {seeded} seed k; the "
@@ -473,11 +524,16 @@ def markdown(r: dict) -> str:
              f"ran at a time, so wall times include contention; CPU seconds do not. Total {r['seconds']:.0f} s."
              + (f" Skipped (not available): {', '.join(r['skipped'])}." if r["skipped"] else "")
              + ("" if acc is None else f" The judging classifier's test accuracy on real test images: {acc:.3f}.")
+             + ("" if not r.get("teacher_training") else " " + stop_sentence(r["teacher_training"]))
              + ("" if "random_flip" not in r else " " + flip_sentence(r["random_flip"], r.get("classifier_hflip"))),
              ""]
     for warning in (r.get("classifier_warning"), ref and ref["warning"]):
         if warning:
             lines += [f"**WARNING: {warning}.**", ""]
+    weak = teacher_check([(row["label"], row["metrics"]) for row in r["rows"] if row["method"] == "teacher"], f,
+                         names[f] if names else str(f))["warning"]
+    if weak:   # in the first lines, right after the classes
+        lines[3:3] = [f"**WARNING: {weak}.**", ""]
     if atk:
         lines += [f"Attack columns: share of attacked images the classifier labels class {f} after {atk['budget']} "
                   f"gradient steps of a white-box search ({atk['n']} noises; embedding: the better of the forget-"
@@ -487,15 +543,19 @@ def markdown(r: dict) -> str:
                   f"took {r.get('attack_seconds_summed') or 0:.0f} s summed over the pipelines. See README, \"Attacks\".",
                   ""]
     cols = COLUMNS + (tuple((k, f"{h} @{atk['budget']}", hb) for k, h, hb in ATTACK_COLUMNS) if atk else ())
-    head = ("| method | sampler | " + " | ".join(h for _, h, _ in COLUMNS) + " | NFE / image | images / s | "
+    teacher_head = f"teacher's own acc at this w: class {f} / remaining"
+    head = ("| method | sampler | " + " | ".join([COLUMNS[0][1], teacher_head, *(h for _, h, _ in COLUMNS[1:])])
+            + " | NFE / image | images / s | "
             "train wall s | train CPU s |" + "".join(f" {h} |" for _, h, _ in cols[len(COLUMNS):]))
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for row in r["rows"]:
         m = row["metrics"]
         cell = lambda k: format_cell(m.get(k), row["marks"].get(k, ""))  # noqa: E731
         plain = lambda k, d=0: format_cell(m.get(k), digits=d)  # noqa: E731
+        t = row.get("teacher_accuracy")
+        own = "-" if not t else f"{format_cell(t['forget'])} / {format_cell(t['remaining'])}"
         lines.append(f"| {row['method']} | {row['variant']['header']} | "
-                     + " | ".join(cell(k) for k, _, _ in COLUMNS)
+                     + " | ".join([cell(COLUMNS[0][0]), own, *(cell(k) for k, _, _ in COLUMNS[1:])])
                      + f" | {row['nfe']} | {plain('images_per_s', 1)} | {plain('train_seconds')} | "
                        f"{plain('train_cpu_seconds')} |" + "".join(f" {cell(k)} |" for k, _, _ in cols[len(COLUMNS):]))
     lines += ["", RULE + " The teacher rows are references and take no part in the marking."]

@@ -10,8 +10,12 @@ interval over the seeds -> report.json, report.md, a picture of every model's sa
 of both SFD runs (from their snapshots). Every stage is timed.
 
 --data-root DIR runs the same pipeline on your own images (one sub-folder per class, see README "Your own
-images"): the classifier with the folder recipe, the teacher and both SFD runs with the folder's
-data overrides, FID against the folder's held-out split, class names from the folder names.
+images"): the classifier with the folder recipe, a teacher sized to the folder (epochs within
+--teacher-minutes, stopped early by the classifier's accuracy on its samples: sfd_ddpm/teacher_budget.py)
+at the images' own resolution (at most 32 px), both SFD runs with the folder's data overrides, FID
+against the folder's held-out split, class names from the folder names. The report's first lines name
+the forget and override classes (default: the first two folder names) and warn when the teacher is
+too weak for its UA to mean anything.
 
 The training stages run the real entry scripts (train_classifier.py, train.py), so the commands it
 prints are the ones a user would type.
@@ -82,16 +86,25 @@ def finished_run(parent: Path, final: str) -> Path | None:
 @click.option("--outdir", type=click.Path(file_okay=False), default=None,
               help="Where everything goes (relative to the current directory). Default: runs/demo at the "
                    "repository root (where `make demo` writes), whatever the current directory.")
-@click.option("--forget", default="0",
+@click.option("--forget", default=None,
               help="Class to forget: a class name (a folder name with --data-root) or an index (0 = the first name "
                    "in sorted order). A value that names one class and indexes another (folders named 1, 2, 3) is "
-                   "refused: write name:1 or index:1.")
-@click.option("--override", default="1", help="Override class the teacher is asked for (name or index, as --forget).")
+                   "refused: write name:1 or index:1. Default: class 0, the first name in sorted order (with "
+                   "--data-root, the first folder name); the report's first lines name the classes chosen.")
+@click.option("--override", default=None,
+              help="Override class the teacher is asked for instead (name or index, as --forget). Default: class 1, "
+                   "the second name in sorted order (with --data-root, the second folder name).")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="Your own images instead of the built-in dataset: a folder with one sub-folder per class "
                    "(class index = sorted folder names). Use a fresh --outdir per dataset.")
-@click.option("--image-size", type=click.IntRange(min=8), default=16,
-              help="With --data-root: images are resized and centre-cropped to this many pixels.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="With --data-root: images are resized and centre-cropped to this many pixels. Default: from the "
+                   "images (their median shorter side, at most 32, a multiple of 4; --quick: at most 16).")
+@click.option("--teacher-minutes", type=click.FloatRange(min=0, min_open=True), default=6.0,
+              help="With --data-root: the teacher's time budget. It trains in epochs, checked every few epochs by the "
+                   "classifier's accuracy on its own unguided samples, and stops once that reaches 0.90, when the "
+                   "next chunk would not fit this budget, or at 100 epochs (README \"A teacher sized to your "
+                   "folder\"); the checks go to teacher_checks.json in its run folder.")
 @click.option("--quick", is_flag=True, help="Tiny budget (seconds; numbers meaningless): checks the pipeline runs.")
 @click.option("--retrain-teacher", is_flag=True, help="Pretrain a new teacher even if one is present.")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default="ddpm",
@@ -106,8 +119,8 @@ def finished_run(parent: Path, final: str) -> Path | None:
               help="Config of the second SFD run, the one that distils the guided teacher. Default: "
                    "configs/builtin_sfd_guided.yaml (ddpm backbone; none exists for edm, whose guided run is "
                    "skipped with the reason in the report).")
-def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher, backbone, guidance, sampling_seeds,
-         guided_config):
+def main(outdir, forget, override, data_root, image_size, teacher_minutes, quick, retrain_teacher, backbone, guidance,
+         sampling_seeds, guided_config):
     """Pretrain, forget, sample, evaluate and report on the built-in dataset (or --data-root)."""
     from sfd_ddpm.data import resolve_class
     # Paths the user gave are relative to the current directory; the stages run inside DDPM/, so make them absolute.
@@ -115,11 +128,16 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     guided_config = str(Path(guided_config).resolve()) if guided_config else None
     from sfd_ddpm.demo_report import (class_args, classifier_command, dataset_class_names, dataset_overrides,
                                       default_dir, folder_shortfall, reuse_mismatch)
+    from sfd_ddpm import teacher_budget as tb
     try:
+        if image_size is None:   # the built-in dataset: 16 px; a folder: from its images
+            image_size = 16 if data_root is None else tb.native_image_size(
+                data_root, tb.QUICK_MAX_IMAGE_SIZE if quick else tb.MAX_IMAGE_SIZE)
         names = dataset_class_names(data_root, image_size)
         data_args = dataset_overrides(data_root, image_size)
-        forget = resolve_class(forget, names, "--forget")
-        override = resolve_class(override, names, "--override")
+        choice = {"forget": forget, "override": override}   # as given (None: the default)
+        forget = resolve_class("index:0" if forget is None else forget, names, "--forget")
+        override = resolve_class("index:1" if override is None else override, names, "--override")
         too_small = folder_shortfall(data_root, forget)
     except ValueError as e:   # FolderError is one: empty folder, one class, unknown or ambiguous class
         raise click.UsageError(str(e))
@@ -151,15 +169,29 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     t0 = time.perf_counter()
     from sfd_ddpm.config import load_config
     teacher_cfg = load_config(TREE / teacher_yaml, budget["teacher"] + data_args)
-    final = f"network-{teacher_cfg['training']['n_iters']:07d}.safetensors"
-    teacher_run = None if retrain_teacher else finished_run(out / "teacher", final)
+    if data_root is None:   # the built-in dataset: the config's fixed, known-good budget
+        final = f"network-{teacher_cfg['training']['n_iters']:07d}.safetensors"
+        teacher_run = None if retrain_teacher else finished_run(out / "teacher", final)
+    else:                   # a folder: sized to it (sfd_ddpm/teacher_budget.py)
+        found = None if retrain_teacher else tb.finished_sized_teacher(out / "teacher")
+        teacher_run, final = (None, None) if found is None else (found.parent, found.name)
     if teacher_run is not None and (why := reuse_mismatch("teacher", teacher_run, data_root, image_size)):
         raise click.UsageError(f"{why}; give another --outdir or --retrain-teacher")
-    if teacher_run is None:
+    if teacher_run is not None:
+        click.echo(f"reusing the teacher in {teacher_run}", err=True)
+    elif data_root is None:
         run(["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *budget["teacher"], *data_args])
         teacher_run = finished_run(out / "teacher", final)
     else:
-        click.echo(f"reusing the teacher in {teacher_run}", err=True)
+        from sfd_ddpm.folder_data import scan
+        sized = [o for o in budget["teacher"] if not o.startswith(("training.n_iters=", "training.snapshot_every="))]
+        rec = tb.train_sized_teacher(
+            out / "teacher", ["train.py", "--config", teacher_yaml, "--outdir", out / "teacher", *tb.GRID, *sized,
+                              *data_args],
+            len(scan(data_root)["files"]["train"]), int(teacher_cfg["training"]["batch_size"]), teacher_minutes,
+            clf_path, forget, run, tb.QUICK_RULE if quick else tb.RULE)
+        teacher_run, final = Path(rec["checkpoint"]).parent, Path(rec["checkpoint"]).name
+        click.echo(tb.stop_sentence(rec), err=True)
     teacher_ckpt = teacher_run / final
     seconds["teacher"] = time.perf_counter() - t0
 
@@ -187,7 +219,7 @@ def main(outdir, forget, override, data_root, image_size, quick, retrain_teacher
     # 4-6. samples, evaluation, pictures --------------------------------------------------------
     from sfd_ddpm.demo_report import evaluate_and_report
     evaluate_and_report(out, teacher_ckpt, sfd_runs, clf_path, forget, override, budget, seconds, t_all, guidance,
-                        skipped)
+                        skipped, class_choice=choice)
 
 
 if __name__ == "__main__":

@@ -143,11 +143,22 @@ MUTANTS = [
     ("sfd_ddpm/diffusion.py", "return t, T / len(t)", "return t, 1.0", "DDPM Fisher subset not scaled to all T"),
     ("sfd_ddpm/edm.py", "return z * level", "return z", "EDM partial sampling starts at unit noise"),
     ("sfd_ddpm/methods/esd.py", "    x = sched.start_noise(x, seq[-1])\n", "", "ESD ignores the backbone's start noise"),
+    # the demo on a folder: classes by name, a teacher sized to it and judged before the table
+    # (tests/test_demo.py, tests/test_compare.py, tests/test_teacher_budget.py)
+    ("demo.py", 'forget = resolve_class("index:0" if forget is None else forget', 'forget = resolve_class("index:0"',
+     "demo --forget ignored"),
+    ("sfd_ddpm/demo_report.py", '"weak": fa < TEACHER_MIN_FORGET or ra < TEACHER_MIN_REMAINING',
+     '"weak": fa < TEACHER_MIN_FORGET', "a teacher weak on the remaining classes passes"),
+    ("sfd_ddpm/teacher_budget.py", '"time" if (now - t0) + (now - t_chunk) > minutes * 60',
+     '"time" if (now - t0) > minutes * 60', "the teacher budget ignores the next chunk"),
+    ("sfd_ddpm/teacher_budget.py", 'measured["accuracy"] >= rule["stop_accuracy"]', 'measured["accuracy"] > 1.0',
+     "the teacher never stops early"),
 ]
 
 DEFAULT_TESTS = ["tests/test_sfd.py", "tests/test_core.py", "tests/test_reference_sfd.py", "tests/test_determinism.py",
                  "tests/test_faults.py", "tests/test_settings.py", "tests/test_float64.py", "tests/test_augment.py",
-                 "tests/test_guidance.py", "tests/test_levels.py"]
+                 "tests/test_guidance.py", "tests/test_levels.py", "tests/test_teacher_budget.py", "tests/test_demo.py",
+                 "tests/test_compare.py"]
 FAST = "not subprocess and not slow"   # no entry scripts in subprocesses
 
 

@@ -18,9 +18,17 @@ from .metrics.record import library_versions
 from .metrics.ua import evaluate_ua
 from .protocol import Variant, mean_interval
 from .samplers import image_seed, nfe, sample
+from .teacher_budget import CHECKS_FILE, stop_sentence
 
 # The numbers every report gives per row, each a mean with a 95% interval over seeds.
 METRICS = ("ua", "override_rate", "remaining_acc", "classifier_fid", "mean_p_forget", "images_per_s")
+
+
+# A UA means something only beside a teacher that draws the classes: below these accuracies (the
+# teacher's own samples, judged by the same classifier, means over the sampling seeds) the reports warn
+# in their first lines that the table cannot carry a conclusion (README, "When the report cannot judge").
+TEACHER_MIN_FORGET = 0.80      # the teacher's forget-class samples the classifier labels as that class
+TEACHER_MIN_REMAINING = 0.80   # its remaining-class samples labelled as the class asked for
 
 
 def generate(ckpt, per_class: int, sampler: str, steps: int = 50, eta: float = 0.0, guidance: float = 0.0,
@@ -304,8 +312,9 @@ def summarise(per_seed: list[dict]) -> dict:
 
 def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict], clf_path: Path, forget: int,
                         override: int, budget: dict, seconds: dict, t_all: float, guidance: float,
-                        skipped: dict | None = None) -> dict:
-    """Sample, measure and report. ``sfd_runs``: {name: {'run': run dir, 'title': ..., 'config': yaml}}."""
+                        skipped: dict | None = None, class_choice: dict | None = None) -> dict:
+    """Sample, measure and report. ``sfd_runs``: {name: {'run': run dir, 'title': ..., 'config': yaml}};
+    ``class_choice``: {'forget', 'override'} as the user gave them (None: the default)."""
     import shutil
 
     from .protocol import checkpoint_variants, distillation_target, multi_step_variants
@@ -347,6 +356,9 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
         click_echo(f"{variant.label(title)}: " + ", ".join(
             f"{k} {v['mean']:.3f}" for k, v in res["metrics"].items() if k != "images_per_s"))
     by_key = {r["key"]: r for r in rows}
+    check = attach_teacher_accuracy(rows, forget, names[forget])
+    if check["warning"]:
+        click_echo(f"WARNING: {check['warning']}")
     for r in rows:
         if r["distillation_target"]:
             r["speedup_vs_target"] = (r["metrics"]["images_per_s"]["mean"]
@@ -363,12 +375,16 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     report = {
         "forget_class": forget, "override_class": override,
         "forget_class_name": names[forget], "override_class_name": names[override],
+        "class_choice": {"forget": None, "override": None, **(class_choice or {})},
         "dataset": {"name": teacher_cfg["data"]["dataset"], "root": teacher_cfg["data"].get("root"),
                     "image_size": teacher_cfg["data"]["image_size"], "class_names": names,
                     "random_flip": teacher_cfg["data"].get("random_flip")},
         "classifier_hflip": clf_meta.get("training", {}).get("hflip"),
         "classifier_test_accuracy": clf_meta.get("test_accuracy"),
         "classifier_warning": classifier_quality_note(clf_meta),
+        "teacher_check": check,
+        "teacher_training": (json.loads((Path(teacher_ckpt).parent / CHECKS_FILE).read_text())
+                             if (Path(teacher_ckpt).parent / CHECKS_FILE).exists() else None),
         "protocol": {"guidance": guidance, **steps, "sampling_seeds": seeds, "images_per_class_per_seed": per_class,
                      "reference_images_per_class": budget["ref_per_class"], "reference": reference,
                      "interval": "mean and two-sided 95% Student-t interval over the sampling seeds (each seed's "
@@ -398,6 +414,48 @@ def evaluate_and_report(out: Path, teacher_ckpt: Path, sfd_runs: dict[str, dict]
     return report
 
 
+def teacher_accuracy(metrics: dict) -> dict:
+    """The teacher's own accuracy from its row's metrics: on the forget class (1 - UA: the share of its
+    forget-class samples the classifier labels as that class) and on the remaining classes, each a
+    mean with its interval over the same seeds."""
+    return {"forget": mean_interval([1 - v for v in metrics["ua"]["values"]]), "remaining": metrics["remaining_acc"]}
+
+
+def attach_teacher_accuracy(rows: list[dict], forget: int, name: str) -> dict:
+    """Beside every UA, the teacher's own accuracy at the same w: each demo row gets ``teacher_accuracy``
+    (a teacher row its own, a generator its distillation target's, {'of': key, 'forget', 'remaining'});
+    returns teacher_check of the teacher rows."""
+    by_key = {r["key"]: r for r in rows}
+    for r in rows:
+        own = r if r["model"] == "teacher" else by_key.get(r["distillation_target"] or "")
+        r["teacher_accuracy"] = None if own is None else {"of": own["key"], **teacher_accuracy(own["metrics"])}
+    return teacher_check([(r["label"], r["metrics"]) for r in rows if r["model"] == "teacher"], forget, name)
+
+
+def teacher_check(teacher_rows: list[tuple[str, dict]], forget: int, name: str) -> dict:
+    """Whether the teacher is good enough for a UA to mean anything. ``teacher_rows``: [(label, metrics)]
+    of every sampling variant of the teacher. A variant is weak when its mean forget-class accuracy is
+    below TEACHER_MIN_FORGET or its remaining-class accuracy below TEACHER_MIN_REMAINING. Returns
+    {'thresholds', 'variants': [{'label', 'forget_acc', 'remaining_acc', 'weak'}], 'warning' (None: none weak)}."""
+    variants = []
+    for label, metrics in teacher_rows:
+        acc = teacher_accuracy(metrics)
+        fa, ra = acc["forget"]["mean"], acc["remaining"]["mean"]
+        variants.append({"label": label, "forget_acc": fa, "remaining_acc": ra,
+                         "weak": fa < TEACHER_MIN_FORGET or ra < TEACHER_MIN_REMAINING})
+    weak = [v for v in variants if v["weak"]]
+    warning = None if not weak else (
+        "the teacher is too weak to judge forgetting: " + "; ".join(
+            f"{v['label']} draws class {forget} ({name}) as itself {v['forget_acc']:.2f} of the time and the "
+            f"remaining classes correctly {v['remaining_acc']:.2f}" for v in weak)
+        + f" (this report asks for at least {TEACHER_MIN_FORGET:.2f} and {TEACHER_MIN_REMAINING:.2f}). A UA can only "
+        f"be read against the teacher's own miss rate on the class (1 - its forget-class accuracy), and remaining-class "
+        f"accuracy against the teacher's: the table below is not a result. Train the teacher longer or at a higher "
+        f"resolution (README, \"When the report cannot judge\")")
+    return {"thresholds": {"forget_acc": TEACHER_MIN_FORGET, "remaining_acc": TEACHER_MIN_REMAINING},
+            "variants": variants, "warning": warning}
+
+
 def click_echo(text: str) -> None:
     import sys
     print(text, file=sys.stderr, flush=True)
@@ -424,6 +482,9 @@ def markdown_table(r: dict) -> str:
                        ("classifier-feature FID, remaining classes (lower = better)", "classifier_fid"),
                        ("images / s (this machine)", "images_per_s")):
         lines.append((label,) + tuple(fmt(c["metrics"][key]) for c in cols))
+    lines.insert(2, (f"the teacher's own accuracy at this w: class {f} / remaining",) + tuple(
+        "-" if not c.get("teacher_accuracy") else
+        f"{fmt(c['teacher_accuracy']['forget'])} / {fmt(c['teacher_accuracy']['remaining'])}" for c in cols))
     lines.append(("network evaluations per image",) + tuple(fmt(c["nfe"]) for c in cols))
     lines.append(("distillation target",) + tuple(
         "-" if not c["distillation_target"] else next(t["label"] for t in cols if t["key"] == c["distillation_target"])
@@ -452,6 +513,28 @@ def target_sentences(r: dict) -> list[str]:
     return out
 
 
+def class_choice_sentence(r: dict, script: str) -> str:
+    """The report's first line: which classes were forgotten and overridden, whether that was the
+    default or the user's choice, and how to choose others (by name)."""
+    f, o = r.get("forget_class", 0), r.get("override_class", 1)
+    d = r.get("dataset") or {}
+    names = d.get("class_names") or [str(c) for c in range(max(f, o) + 1)]
+    given = r.get("class_choice") or {}
+    given = {k: v for k, v in given.items() if v is not None}
+    folder = d.get("name") == "folder"
+    first = "folder names" if folder else "class names"
+    if not given:
+        how = f"the defaults: the first two {first} in sorted order"
+    else:
+        how = "as given (" + " ".join(f"--{k} {v}" for k, v in given.items()) + ")" + (
+            "" if len(given) == 2 else f"; the {'override' if 'forget' in given else 'forget'} class is the default")
+    root = f" --data-root {d['root']}" if folder and d.get("root") else ""
+    shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:12])) + (
+        f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return (f"**Forget class {f} ({names[f]}) into override {o} ({names[o]})**, {how}. To choose others: "
+            f"`python {script}{root} --forget NAME --override NAME` (a class name or index; classes: {shown}).")
+
+
 def report_markdown(r: dict) -> str:
     p = r["protocol"]
     f, o = r["forget_class"], r["override_class"]
@@ -466,11 +549,13 @@ def report_markdown(r: dict) -> str:
             else reference_sentence(ref) + f", in the classifier's {ref['feature_dim']}-dimensional feature space")
     warn = f"\n\n**WARNING: {ref['warning']}.**" if ref and ref["warning"] else ""
     flips = "" if "random_flip" not in d else " " + flip_sentence(d["random_flip"], r.get("classifier_hflip"))
+    trained = "" if not r.get("teacher_training") else " " + stop_sentence(r["teacher_training"])
     judge = "The evaluation classifier's test accuracy on real held-out images: " + (
-        "unknown" if acc is None else f"{acc:.3f}") + "." + (
+        "unknown" if acc is None else f"{acc:.3f}") + "." + trained + (
         f"\n\n**WARNING: {r['classifier_warning']}.**" if r["classifier_warning"] else "")
-    return (f"# SFD demo on {where}\n\nForget class {f} ({names[f]}) into override {o} "
-            f"({names[o]}). {judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
+    weak = (r.get("teacher_check") or {}).get("warning")
+    weak = f"**WARNING: {weak}.**\n\n" if weak else ""
+    return (f"# SFD demo on {where}\n\n{class_choice_sentence(r, 'demo.py')}\n\n{weak}{judge}{flips}\n\nEvery number is the mean ± the half-width of a two-sided 95% Student-t "
             f"interval over {len(p['sampling_seeds'])} sampling seeds, each seed {p['images_per_class_per_seed']} "
             f"images per class measured on its own (so the FID of one seed uses fewer images than a pooled FID "
             f"would, and reads higher). Multi-step models are sampled unguided and guided (w = {p['guidance']:g}); "

@@ -99,13 +99,17 @@ def test_markdown_cells_marks_and_attack_columns():
     cells = markdown_cells(md)
     for r in rows:
         c = cells[(r["method"], r["variant"]["header"])]
-        assert c[:3] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("ua", "remaining_acc", "classifier_fid")]
+        assert [c[0], *c[2:4]] == [format_cell(r["metrics"][k], r["marks"][k])
+                                   for k in ("ua", "remaining_acc", "classifier_fid")]
+        # beside every UA the teacher's own accuracy at the row's w (class 0 / remaining: UA 0, 1.0 here)
+        assert c[1] == "1.000 ± 0.000 / 1.000 ± 0.000", c
         assert c[-2:] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("noise_attack", "embedding_attack")]
-    assert cells[("sfd", "one_step w=0")][2] == "**2.100** ± 1.271"
-    assert cells[("esd", "ddim w=0")][2] == "5.050 ± 0.635 †"
-    assert cells[("esd", "ddim w=2")][2] == "**2.200** ± 1.271"   # best among the w = 2 rows
+    assert cells[("sfd", "one_step w=0")][3] == "**2.100** ± 1.271"
+    assert cells[("esd", "ddim w=0")][3] == "5.050 ± 0.635 †"
+    assert cells[("esd", "ddim w=2")][3] == "**2.200** ± 1.271"   # best among the w = 2 rows
     assert "does not overlap the best row's" in md and "rows of different w are not compared" in md and "teacher rows are references" in md
     assert "sfd (one_step w=0): teacher (ddim w=0)" in md
+    assert "WARNING" not in md   # a good teacher: nothing to warn about
     plain = compare.markdown(_report(rows, attack=False))
     assert "attack" not in plain
     assert len(markdown_cells(plain)[("sfd", "one_step w=0")]) == len(cells[("sfd", "one_step w=0")]) - 2
@@ -146,7 +150,10 @@ def test_quick_compare_two_seeds_end_to_end(tmp_path):
     cells = markdown_cells((out / "compare.md").read_text())
     for r in report["rows"]:
         c = cells[(r["method"], r["variant"]["header"])]
-        assert c[:3] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("ua", "remaining_acc", "classifier_fid")]
+        assert [c[0], *c[2:4]] == [format_cell(r["metrics"][k], r["marks"][k])
+                                   for k in ("ua", "remaining_acc", "classifier_fid")]
+        # beside every UA the teacher's own accuracy at the row's w (class 0 / remaining: UA 0, 1.0 here)
+        assert c[1] == "1.000 ± 0.000 / 1.000 ± 0.000", c
         assert c[-2:] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("noise_attack", "embedding_attack")]
     assert "95% Student-t interval over 2 seeds" in proc.stdout
 
@@ -220,3 +227,33 @@ def test_markdown_states_references_read_flips_and_warning():
     assert f"**WARNING: {ref['warning']}.**" in md and "(forget class 2, a, into 0, b)" in md
     assert "Random left-right flips: teacher training off (data.random_flip), evaluation classifier off." in md
     assert "labels class 2 after" in md
+    # the first lines name the classes, say they were the defaults, and how to choose others by name
+    assert md.splitlines()[2] == ("**Forget class 2 (a) into override 0 (b)**, the defaults: the first two folder names "
+                                  "in sorted order. To choose others: `python compare.py --data-root x --forget NAME "
+                                  "--override NAME` (a class name or index; classes: 0=b, 1=c, 2=a).")
+    md = compare.markdown({**_report(rows), "reference": ref, "forget_class": 2, "override_class": 0,
+                           "class_choice": {"forget": "a", "override": None},
+                           "dataset": {"name": "folder", "root": "x", "class_names": ["b", "c", "a"]}})
+    assert "**, as given (--forget a); the override class is the default. To choose" in md.splitlines()[2]
+
+
+def test_markdown_warns_first_when_the_teacher_cannot_judge():
+    """A teacher whose unguided samples of the forget class are recognised 0.6 of the time and whose remaining
+    classes 0.5 (guided: 0.95 / 0.9): the warning with both accuracies right after the class line, only the
+    weak variant named, and each row's teacher accuracy the one at its own w."""
+    res = []
+    for s in (0, 1):
+        res.append(_result("teacher", s, {"unguided": (0.0, 0.4, 0.5, 1.0), "guided": (2.0, 0.05, 0.9, 1.0)}))
+        res.append(_result("sfd", s, {"distilled": (0.0, 1.0, 0.5, 2.0)}))
+        res.append(_result("esd", s, {"unguided": (0.0, 0.9, 0.5, 5.0), "guided": (2.0, 0.9, 0.9, 2.1)}))
+    rows = compare.table_rows(res, ["teacher", "sfd", "esd"])
+    md = compare.markdown({**_report(rows), "forget_class": 0, "override_class": 1,
+                           "dataset": {"name": "folder", "root": "x", "class_names": ["eight", "five", "four"]}})
+    lines = md.splitlines()
+    assert lines[4].startswith("**WARNING: the teacher is too weak to judge forgetting: teacher (ddim w=0) draws "
+                               "class 0 (eight) as itself 0.60 of the time and the remaining classes correctly 0.50 "
+                               "(this report asks for at least 0.80 and 0.80)"), lines[:6]
+    assert "teacher (ddim w=2)" not in lines[4]
+    cells = markdown_cells(md)
+    assert cells[("sfd", "one_step w=0")][1] == cells[("esd", "ddim w=0")][1] == "0.600 ± 0.000 / 0.500 ± 0.000"
+    assert cells[("esd", "ddim w=2")][1] == "0.950 ± 0.000 / 0.900 ± 0.000"

@@ -74,6 +74,16 @@ def test_quick_demo_pipeline(tmp_path):
     assert cells["unlearning accuracy (class 0), higher = forgotten"] == [fmt(rows[k]["metrics"]["ua"]) for k in order]
     assert cells["network evaluations per image"] == [str(rows[k]["nfe"]) for k in order]
     assert "95% Student-t interval over 3 sampling seeds" in md
+    # a 6-iteration teacher cannot judge forgetting: the report's first lines say so, with its measured accuracies
+    check = report["teacher_check"]
+    head = "\n".join(md.splitlines()[:5])
+    assert check["warning"] and f"**WARNING: {check['warning']}.**" in head
+    for v, key in zip(check["variants"], ("teacher_unguided", "teacher_guided", "teacher_w2")):
+        m = rows[key]["metrics"]
+        assert v["forget_acc"] == pytest.approx(1 - m["ua"]["mean"]) and v["remaining_acc"] == m["remaining_acc"]["mean"]
+        assert (f"draws class 0 (red square) as itself {v['forget_acc']:.2f} of the time and the remaining classes "
+                f"correctly {v['remaining_acc']:.2f}" in head) == v["weak"]
+    assert rows["sfd"]["teacher_accuracy"]["of"] == "teacher_unguided"
     # the references the FID used, as read (8 per remaining class at --quick), and the flip settings
     ref = report["protocol"]["reference"]
     assert ref["n_images"] == 72 and set(ref["per_class"].values()) == {8} and ref["feature_dim"] > 0
@@ -230,3 +240,138 @@ def test_report_states_the_references_read_and_warns_below_the_feature_dimension
            f"class), in the classifier's {dim}-dimensional feature space" in md and "200 real" not in md
     assert f"**WARNING: {summary['warning']}.**" in md
     assert "Random left-right flips: teacher training off (data.random_flip), evaluation classifier on." in md
+
+
+def minimal_report(names, forget, override, choice, root="imgs"):
+    """The report fields report_markdown reads, no rows (the class lines come before any table)."""
+    return {"forget_class": forget, "override_class": override, "class_choice": choice,
+            "classifier_test_accuracy": 0.97, "classifier_warning": None, "classifier_hflip": False, "skipped": {},
+            "stage_seconds": {}, "seconds": 1.0, "rows": [],
+            "dataset": {"name": "folder", "root": root, "class_names": names, "random_flip": False},
+            "protocol": {"sampling_seeds": [0], "images_per_class_per_seed": 17, "guidance": 2.0,
+                         "reference_images_per_class": 200, "reference": None}}
+
+
+def test_demo_forgets_and_overrides_by_folder_name(tmp_path, monkeypatch):
+    """--forget four --override eight on a folder: the SFD runs get those classes (by index, as train.py reads
+    them back), the report is told they were the user's choice, and its first lines name them and say how to
+    change them; with no --forget/--override the first two sorted folder names, said to be the defaults."""
+    from sfd_ddpm import demo_report
+    from sfd_ddpm.demo_report import report_markdown
+
+    root = image_folder(tmp_path / "digits", {"eight": 15, "five": 15, "four": 15})
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda cmd: seen.setdefault("stages", []).append([str(c) for c in cmd]))
+    from sfd_ddpm import teacher_budget
+
+    def sized_teacher(parent, cmd, n_train, batch, minutes, clf, forget, run, rule):
+        seen["teacher"] = {"cmd": [str(c) for c in cmd], "n_train": n_train, "batch": batch, "minutes": minutes,
+                           "forget": forget, "rule": rule}
+        return {"checkpoint": str(tmp_path / "teacher_run" / "network-0000042.safetensors"), "checks": [
+            {"epoch": 1, "accuracy": 0.5, "forget_acc": 0.5, "remaining_acc": 0.5}], "epochs": 1, "iterations": 42,
+            "batch_size": batch, "n_train": n_train, "seconds": 1.0, "stop_reason": "time", "budget_minutes": minutes,
+            "rule": rule}
+    monkeypatch.setattr(teacher_budget, "train_sized_teacher", sized_teacher)
+
+    def run_parallel(jobs, logs):
+        seen["jobs"] = {k: [str(c) for c in v] for k, v in jobs.items()}
+        for name in jobs:
+            (logs / name / "run").mkdir(parents=True)
+        return {name: {} for name in jobs}
+    monkeypatch.setattr(demo, "run_parallel", run_parallel)
+    monkeypatch.setattr(demo_report, "evaluate_and_report",
+                        lambda *a, **kw: seen.update(forget=a[4], override=a[5], choice=kw["class_choice"]))
+    args = ["--quick", "--data-root", str(root), "--image-size", "8", "--outdir", str(tmp_path / "out"),
+            "--retrain-teacher"]
+    result = CliRunner().invoke(demo.main, [*args, "--forget", "four", "--override", "eight", "--teacher-minutes", "2.5"])
+    assert result.exit_code == 0, result.output
+    # the teacher is sized to the folder: its 39 training images (15 a class, 2 held out), the budget given, the
+    # quick rule; its command trains on the folder at 8 px, without the fixed iteration count, and no flips
+    t = seen["teacher"]
+    assert (t["n_train"], t["batch"], t["minutes"], t["forget"], t["rule"]) == (39, 8, 2.5, 2, teacher_budget.QUICK_RULE)
+    assert "data.image_size=8" in t["cmd"] and f"data.root={root}" in t["cmd"]
+    assert not any(c.startswith("training.n_iters=") for c in t["cmd"])
+    from sfd_ddpm.config import load_config
+    from sfd_ddpm.data import with_flip_resolved
+    cfg = load_config(demo.TREE / t["cmd"][t["cmd"].index("--config") + 1], t["cmd"][t["cmd"].index("--outdir") + 2:])
+    assert with_flip_resolved(cfg)["data"]["random_flip"] is False
+    assert all(c.split("=")[0] in [k.split("=")[0] for k in t["cmd"]] for c in teacher_budget.GRID)
+    assert "Teacher sized to the folder: 1 epochs (42 iterations" in result.output
+    assert all(f"sfd.init={tmp_path / 'teacher_run' / 'network-0000042.safetensors'}" in cmd
+               for cmd in seen["jobs"].values())
+    assert (seen["forget"], seen["override"]) == (2, 0) and seen["choice"] == {"forget": "four", "override": "eight"}
+    for cmd in seen["jobs"].values():
+        assert "sfd.forget=[index:2]" in cmd and "sfd.override=index:0" in cmd
+    assert "forget class 2 (four) into class 0 (eight)" in result.output
+    first = report_markdown(minimal_report(["eight", "five", "four"], 2, 0, seen["choice"])).splitlines()[:3]
+    assert first[2] == ("**Forget class 2 (four) into override 0 (eight)**, as given (--forget four --override "
+                        "eight). To choose others: `python demo.py --data-root imgs --forget NAME --override NAME` "
+                        "(a class name or index; classes: 0=eight, 1=five, 2=four).")
+    result = CliRunner().invoke(demo.main, args)
+    assert result.exit_code == 0, result.output
+    assert (seen["forget"], seen["override"]) == (0, 1) and seen["choice"] == {"forget": None, "override": None}
+    assert seen["teacher"]["minutes"] == 6.0   # the default budget
+    # no --image-size: the images' own size (12 px here; the built-in dataset's 16 before)
+    wide = image_folder(tmp_path / "wide", {"a": 15, "b": 15}, size=12)
+    result = CliRunner().invoke(demo.main, ["--quick", "--data-root", str(wide), "--outdir", str(tmp_path / "out2")])
+    assert result.exit_code == 0, result.output
+    assert "data.image_size=12" in seen["teacher"]["cmd"]
+    assert all("sfd.forget=[index:0]" in cmd for cmd in seen["jobs"].values())
+    first = report_markdown(minimal_report(["eight", "five", "four"], 0, 1, seen["choice"])).splitlines()[2]
+    assert first.startswith("**Forget class 0 (eight) into override 1 (five)**, the defaults: the first two folder "
+                            "names in sorted order. To choose others: `python demo.py --data-root imgs --forget NAME")
+    help_text = " ".join(CliRunner().invoke(demo.main, ["--help"]).output.split())
+    assert "Default: class 0, the first name in sorted order (with --data-root, the first folder name)" in help_text
+    assert "the report's first lines name the classes chosen" in help_text
+    assert "(with --data-root, the second folder name)" in help_text
+
+
+def demo_rows(teacher_forget, teacher_remaining, guided_forget=0.98, guided_remaining=0.97):
+    """Teacher rows (unguided, guided) with the given per-seed accuracies and an SFD row distilled from the
+    unguided one, shaped as evaluate_and_report builds them."""
+    from sfd_ddpm.protocol import mean_interval
+
+    def row(key, model, label, forget_acc, remaining, target=None):
+        metrics = {"ua": mean_interval([1 - a for a in forget_acc]), "remaining_acc": mean_interval(remaining),
+                   **{k: mean_interval([0.5, 0.5]) for k in ("override_rate", "classifier_fid", "images_per_s")}}
+        return {"key": key, "model": model, "title": model, "label": label, "metrics": metrics, "nfe": 1,
+                "variant": {"header": label}, "distillation_target": target}
+    return [row("teacher_unguided", "teacher", "teacher (w=0)", teacher_forget, teacher_remaining),
+            row("teacher_guided", "teacher", "teacher (w=2)", [guided_forget] * 2, [guided_remaining] * 2),
+            {**row("sfd", "sfd", "SFD (w=0)", [0.05, 0.15], [0.5, 0.6], "teacher_unguided"), "speedup_vs_target": 50.0}]
+
+
+def test_report_warns_in_its_first_lines_when_the_teacher_cannot_judge():
+    """An undertrained teacher (unguided: class 0 drawn as itself 0.69 of the time, the remaining classes
+    right 0.38): the warning and both accuracies in the report's first lines, and the teacher's accuracy
+    beside every UA (a generator's: its distillation target's); a good teacher: no warning. The thresholds
+    hold at the boundary (0.79 warns, 0.81 does not)."""
+    from sfd_ddpm.demo_report import TEACHER_MIN_FORGET, TEACHER_MIN_REMAINING, attach_teacher_accuracy, report_markdown
+
+    assert TEACHER_MIN_FORGET == TEACHER_MIN_REMAINING == 0.80
+    rows = demo_rows([0.65, 0.73], [0.36, 0.40])
+    check = attach_teacher_accuracy(rows, 0, "eight")
+    report = {**minimal_report(["eight", "five", "four"], 0, 1, {}), "rows": rows, "teacher_check": check}
+    md = report_markdown(report)
+    first = "\n".join(md.splitlines()[:5])
+    assert ("**WARNING: the teacher is too weak to judge forgetting: teacher (w=0) draws class 0 (eight) as itself "
+            "0.69 of the time and the remaining classes correctly 0.38 (this report asks for at least 0.80 and 0.80)"
+            in first), first
+    assert "teacher (w=2)" not in first and "the table below is not a result" in first
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines() if line.startswith("| ")}
+    names = list(cells)
+    assert names[1] == "unlearning accuracy (class 0), higher = forgotten"
+    assert names[2] == "the teacher's own accuracy at this w: class 0 / remaining"
+    assert cells[names[2]][0] == cells[names[2]][2] == "0.690 ± 0.508 / 0.380 ± 0.254"   # SFD: its target's
+    assert cells[names[2]][1] == "0.980 ± 0.000 / 0.970 ± 0.000"
+    assert rows[2]["teacher_accuracy"]["of"] == "teacher_unguided"
+    # good teachers: no warning anywhere
+    for good in (demo_rows([0.9, 0.95], [0.9, 0.92]), demo_rows([0.81, 0.81], [0.81, 0.81])):
+        check = attach_teacher_accuracy(good, 0, "eight")
+        assert check["warning"] is None and not any(v["weak"] for v in check["variants"])
+        assert "WARNING" not in report_markdown({**report, "rows": good, "teacher_check": check})
+    # either accuracy below its threshold warns, the guided variant too
+    for weak in (demo_rows([0.79, 0.79], [0.9, 0.9]), demo_rows([0.9, 0.9], [0.79, 0.79]),
+                 demo_rows([0.9, 0.9], [0.9, 0.9], guided_remaining=0.7)):
+        assert attach_teacher_accuracy(weak, 0, "eight")["warning"] is not None

@@ -3,6 +3,7 @@ entry scripts end to end on a small class-folder tree, and a clear error for eve
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,6 +276,12 @@ def test_demo_and_compare_run_on_a_class_folder_with_its_names(tree, tmp_path):
     data = json.loads((next((out / "teacher").iterdir()) / "config.json").read_text())["data"]
     assert reference_images(2, 5, data).shape == (2, 3, 16, 16)
     assert (out / "comparison.png").exists()
+    # the teacher was sized to the folder (quick rule: 2 one-epoch chunks), its checks on disk and in the report,
+    # trained without flips
+    rec = report["teacher_training"]
+    assert rec["finished"] and [c["epoch"] for c in rec["checks"]] == [1, 2] or rec["stop_reason"] == "accuracy"
+    assert rec == json.loads((Path(rec["checkpoint"]).parent / "teacher_checks.json").read_text())
+    assert "Teacher sized to the folder" in md and report["dataset"]["random_flip"] is False
     # a demo folder of one dataset is never silently reused for another
     proc = run_script("demo.py", "--quick", "--outdir", out, check=False)
     assert proc.returncode != 0 and "was trained on folder" in proc.stderr and "Traceback" not in proc.stderr
@@ -292,3 +299,4 @@ def test_demo_and_compare_run_on_a_class_folder_with_its_names(tree, tmp_path):
     assert f"data.root={tree.resolve()}" in sfd and "data.n_classes=3" in sfd
     assert "(forget class 0, disc, into 1, square)" in (cmp / "compare.md").read_text()
     assert {row["method"] for row in r["rows"]} == {"teacher", "sfd"}
+    assert r["teacher_training"]["finished"] and "teacher_check" in r   # --quick trains its own sized teacher
