@@ -152,8 +152,12 @@ def test_quick_compare_two_seeds_end_to_end(tmp_path):
         c = cells[(r["method"], r["variant"]["header"])]
         assert [c[0], *c[2:4]] == [format_cell(r["metrics"][k], r["marks"][k])
                                    for k in ("ua", "remaining_acc", "classifier_fid")]
-        # beside every UA the teacher's own accuracy at the row's w (class 0 / remaining: UA 0, 1.0 here)
-        assert c[1] == "1.000 ± 0.000 / 1.000 ± 0.000", c
+        # beside every UA the teacher's own accuracy at the row's w: 1 - its UA, and its remaining accuracy
+        t = r["teacher_accuracy"]
+        (own,) = [x for x in report["rows"] if x["method"] == "teacher" and x["variant"]["w"] == r["variant"]["w"]]
+        assert t["of"] == own["label"] and t["remaining"] == own["metrics"]["remaining_acc"]
+        assert t["forget"] == mean_interval([1 - v for v in own["metrics"]["ua"]["values"]])
+        assert c[1] == f"{format_cell(t['forget'])} / {format_cell(t['remaining'])}", c
         assert c[-2:] == [format_cell(r["metrics"][k], r["marks"][k]) for k in ("noise_attack", "embedding_attack")]
     assert "95% Student-t interval over 2 seeds" in proc.stdout
 

@@ -134,7 +134,7 @@ def test_unguided_losses_equal_the_plain_formula_bit_for_bit(monkeypatch):
     sched = method.schedule
     exact = []
 
-    def phi_check(fake, x_g, label, t, eps, guidance=0.0, result=None):
+    def phi_check(fake, x_g, label, t, eps, guidance=0.0, augment=None, result=None):
         x_t = sched.a(t).view(-1, 1, 1, 1) * x_g + sched.b(t).view(-1, 1, 1, 1) * eps
         with torch.no_grad():
             plain = (eps - method.fake_net(x_t, t, label)).square().flatten(1).sum(1)
@@ -192,7 +192,7 @@ def test_guidance_fake_train_scales_the_fake_score_loss(monkeypatch):
                       label_dropout=0.0)
     sched, results = method.schedule, []
 
-    def check(fake, x_g, label, t, eps, guidance=0.0, result=None):
+    def check(fake, x_g, label, t, eps, guidance=0.0, augment=None, result=None):
         x_t = sched.add_noise(x_g, t, eps)
         with torch.no_grad():
             want = (eps - guided_by_hand(method.fake_net, x_t, t, label, W_FAKE_TRAIN)).square().flatten(1).sum(1)

@@ -98,7 +98,7 @@ class Nets:
         explicit = {"fake": self.fake_params, "gen": self.gen_params, "ema": self.ema_params}[which]
         if explicit is not None:
             return explicit
-        module = {"fake": self.fake.unet, "gen": self.generator.unet, "ema": self.ema}[which]
+        module = self.ema if which == "ema" else (self.fake if which == "fake" else self.generator).unet
         return list(module.parameters()) if module is not None else []
 
 
